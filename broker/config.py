@@ -1,0 +1,322 @@
+"""Broker settings: one frozen dataclass, filled from command-line flags and ``BROKER_*`` variables.
+
+Every option can come from a flag or from the environment (``--queue-size`` or
+``BROKER_QUEUE_SIZE``); a flag wins. Values are checked here, once, so the rest of the
+code can trust them: an invalid value stops the process at start with a single line
+naming the option, the value and where it came from (exit status 2, as argparse uses).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import enum
+import ipaddress
+import os
+import re
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+ENV_PREFIX = "BROKER_"
+
+
+class Overflow(enum.StrEnum):
+    """What a subscriber's full queue does with one more event."""
+
+    DROP_OLDEST = "drop-oldest"
+    DROP_NEWEST = "drop-newest"
+    DISCONNECT = "disconnect"
+
+
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Config:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    heartbeat: float = 15.0
+    retry: int = 2000
+    history_size: int = 10_000
+    history_ttl: float = 3600.0
+    queue_size: int = 1024
+    queue_bytes: int = 1024 * 1024
+    overflow: Overflow = Overflow.DROP_OLDEST
+    max_connections: int = 0
+    max_topics: int = 64
+    max_body_bytes: int = 1024 * 1024
+    max_event_bytes: int = 256 * 1024
+    cors_origins: tuple[str, ...] = ()
+    log_level: str = "info"
+    shutdown_timeout: float = 10.0
+
+
+class ConfigError(ValueError):
+    """An option value that cannot be used; the message is the one line shown to the user."""
+
+
+_SIZE_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 1024,
+    "kb": 1000,
+    "kib": 1024,
+    "m": 1024**2,
+    "mb": 1000**2,
+    "mib": 1024**2,
+    "g": 1024**3,
+    "gb": 1000**3,
+    "gib": 1024**3,
+}
+_SIZE_RE = re.compile(r"^\s*(\d+)\s*([a-zA-Z]*)\s*$")
+
+
+def parse_byte_size(text: str) -> int:
+    """Read ``1048576``, ``1MiB``, ``256KiB`` or ``64k`` as a number of bytes."""
+    match = _SIZE_RE.match(text)
+    if match is None or match.group(2).lower() not in _SIZE_UNITS:
+        raise ValueError("expected a byte count such as 65536, 256KiB or 1MiB")
+    return int(match.group(1)) * _SIZE_UNITS[match.group(2).lower()]
+
+
+def _integer(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text.strip())
+        except ValueError:
+            raise ValueError("expected an integer") from None
+        _check_range(value, minimum, maximum)
+        return value
+
+    return parse
+
+
+def _seconds(minimum: float, maximum: float | None = None) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        try:
+            value = float(text.strip())
+        except ValueError:
+            raise ValueError("expected a number of seconds") from None
+        if value != value or value in (float("inf"), float("-inf")):
+            raise ValueError("expected a finite number of seconds")
+        _check_range(value, minimum, maximum)
+        return value
+
+    return parse
+
+
+def _bytes(minimum: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        value = parse_byte_size(text)
+        _check_range(value, minimum, None)
+        return value
+
+    return parse
+
+
+def _check_range(value: float, minimum: float, maximum: float | None) -> None:
+    if value < minimum:
+        raise ValueError(f"must be at least {minimum:g}")
+    if maximum is not None and value > maximum:
+        raise ValueError(f"must be at most {maximum:g}")
+
+
+def _host(text: str) -> str:
+    text = text.strip()
+    if not text:
+        raise ValueError("must not be empty")
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        if not re.fullmatch(r"[A-Za-z0-9.-]+", text):
+            raise ValueError("expected an IP address or a host name") from None
+    return text
+
+
+def _choice(choices: Sequence[str]) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        value = text.strip().lower()
+        if value not in choices:
+            raise ValueError(f"expected one of {', '.join(choices)}")
+        return value
+
+    return parse
+
+
+def _origin(text: str) -> str:
+    value = text.strip().rstrip("/")
+    if value == "*":
+        return value
+    if not re.fullmatch(r"https?://[^/\s?#]+", value):
+        raise ValueError("expected '*' or an origin such as https://app.example.com")
+    return value
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Option:
+    flag: str
+    field: str
+    parse: Callable[[str], Any]
+    help: str
+    metavar: str | None = None
+    repeatable: bool = False
+
+    @property
+    def env(self) -> str:
+        return ENV_PREFIX + self.field.upper()
+
+
+_OPTIONS: tuple[_Option, ...] = (
+    _Option("--host", "host", _host, "address to listen on", "ADDRESS"),
+    _Option("--port", "port", _integer(1, 65535), "TCP port to listen on", "PORT"),
+    _Option(
+        "--heartbeat",
+        "heartbeat",
+        _seconds(0.01, 3600),
+        "seconds between keep-alive comments on every stream",
+        "SECONDS",
+    ),
+    _Option(
+        "--retry",
+        "retry",
+        _integer(0, 86_400_000),
+        "reconnection delay sent to clients in the retry: field, in milliseconds",
+        "MS",
+    ),
+    _Option(
+        "--history-size",
+        "history_size",
+        _integer(0, 10_000_000),
+        "events kept for Last-Event-ID replay (0 keeps none)",
+        "N",
+    ),
+    _Option(
+        "--history-ttl",
+        "history_ttl",
+        _seconds(0.001),
+        "seconds an event stays available for replay",
+        "SECONDS",
+    ),
+    _Option(
+        "--queue-size",
+        "queue_size",
+        _integer(1, 10_000_000),
+        "events queued per connection before overflow",
+        "N",
+    ),
+    _Option(
+        "--queue-bytes",
+        "queue_bytes",
+        _bytes(1024),
+        "bytes queued per connection before overflow (accepts KiB/MiB)",
+        "BYTES",
+    ),
+    _Option(
+        "--overflow",
+        "overflow",
+        lambda text: Overflow(_choice([o.value for o in Overflow])(text)),
+        "what a full queue does: drop-oldest, drop-newest or disconnect",
+        "POLICY",
+    ),
+    _Option(
+        "--max-connections",
+        "max_connections",
+        _integer(0),
+        "concurrent event streams accepted (0 means no limit)",
+        "N",
+    ),
+    _Option("--max-topics", "max_topics", _integer(1, 100_000), "topics per subscription", "N"),
+    _Option(
+        "--max-body-bytes",
+        "max_body_bytes",
+        _bytes(64),
+        "largest publish body; for NDJSON streams, the largest line",
+        "BYTES",
+    ),
+    _Option(
+        "--max-event-bytes",
+        "max_event_bytes",
+        _bytes(64),
+        "largest encoded event",
+        "BYTES",
+    ),
+    _Option(
+        "--cors-origin",
+        "cors_origins",
+        _origin,
+        "origin allowed to use the API from a browser (repeatable; '*' for any)",
+        "ORIGIN",
+        repeatable=True,
+    ),
+    _Option("--log-level", "log_level", _choice(LOG_LEVELS), "logging level", "LEVEL"),
+    _Option(
+        "--shutdown-timeout",
+        "shutdown_timeout",
+        _seconds(0, 3600),
+        "seconds allowed for a graceful stop on SIGTERM/SIGINT",
+        "SECONDS",
+    ),
+)
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    """Declare every option as a flag; values stay raw strings until ``config_from_args``."""
+    defaults = Config()
+    for option in _OPTIONS:
+        default = getattr(defaults, option.field)
+        if isinstance(default, tuple):
+            shown = "none"
+        elif isinstance(default, enum.Enum):
+            shown = str(default.value)
+        else:
+            shown = str(default)
+        parser.add_argument(
+            option.flag,
+            dest=option.field,
+            metavar=option.metavar,
+            action="append" if option.repeatable else "store",
+            default=None,
+            help=f"{option.help} (env {option.env}, default {shown})",
+        )
+
+
+def config_from_args(args: argparse.Namespace, environ: Mapping[str, str]) -> Config:
+    """Merge flags over environment over defaults, checking each value.
+
+    Raises ``ConfigError`` with a message naming the flag, the bad value and its source.
+    """
+    values: dict[str, Any] = {}
+    for option in _OPTIONS:
+        raw: Any = getattr(args, option.field, None)
+        source = option.flag
+        if raw is None and option.env in environ:
+            raw = environ[option.env]
+            source = f"{option.flag} (from {option.env})"
+            if option.repeatable:
+                raw = [item for item in re.split(r"[,\s]+", raw) if item]
+        if raw is None:
+            continue
+        try:
+            if option.repeatable:
+                values[option.field] = tuple(dict.fromkeys(option.parse(item) for item in raw))
+            else:
+                values[option.field] = option.parse(raw)
+        except ValueError as exc:
+            raise ConfigError(f"{source}: {exc} (got {raw!r})") from None
+    config = Config(**values)
+    if config.max_event_bytes > config.queue_bytes:
+        raise ConfigError(
+            f"--max-event-bytes ({config.max_event_bytes}) must not exceed "
+            f"--queue-bytes ({config.queue_bytes}): such an event could never be queued"
+        )
+    return config
+
+
+def load_config(
+    argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None
+) -> Config:
+    """Build a ``Config`` from serve flags alone; used by tests and embedders."""
+    parser = argparse.ArgumentParser(prog="sse-broker serve")
+    add_serve_arguments(parser)
+    args = parser.parse_args(list(argv or []))
+    return config_from_args(args, os.environ if environ is None else environ)

@@ -1,0 +1,124 @@
+"""The in-memory event log: ordered, bounded by count and age, indexed by id for replay.
+
+The log gives every event two names: ``seq``, its own consecutive position used to
+order and de-duplicate, and ``id``, the opaque string subscribers see. Ids here look like
+Redis stream ids (``<milliseconds>-<counter>``), so they stay unique across restarts of
+the process: a client holding an id from a previous run is told it missed events, rather
+than being silently matched to a different event that reuses a number.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+
+from broker.event import Event, EventDraft
+from broker.topics import Selector
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Replay:
+    """What a resuming subscriber gets before going live.
+
+    ``through`` is the log's head position when the replay was read: every live event at
+    or below it is already covered by this replay (sent, or not wanted), so the subscriber
+    drops those from its live queue. That is what makes the seam exact.
+    """
+
+    events: list[Event]
+    missed: bool
+    through: int
+
+
+class EventLog:
+    """A ring of the most recent events, at most ``max_events`` and at most ``ttl`` old."""
+
+    def __init__(
+        self,
+        max_events: int,
+        ttl: float,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        wall_clock_ms: Callable[[], int] = lambda: time.time_ns() // 1_000_000,
+    ) -> None:
+        self._events: deque[Event] = deque()
+        self._positions: dict[str, int] = {}
+        self._max_events = max_events
+        self._ttl = ttl
+        self._clock = clock
+        self._wall_clock_ms = wall_clock_ms
+        self._seq = 0
+        self._head_id: str | None = None
+        self._last_ms = 0
+        self._counter = 0
+
+    def __len__(self) -> int:
+        return len(self._events)
+
+    @property
+    def head(self) -> int:
+        """Position of the newest event ever appended (0 before the first)."""
+        return self._seq
+
+    def _next_id(self) -> str:
+        now = self._wall_clock_ms()
+        if now > self._last_ms:
+            self._last_ms, self._counter = now, 0
+        else:
+            self._counter += 1
+        return f"{self._last_ms}-{self._counter}"
+
+    def append(self, drafts: Iterable[EventDraft]) -> list[Event]:
+        """Give each draft an id and a position, keep it, and return the logged events."""
+        now = self._clock()
+        appended: list[Event] = []
+        for draft in drafts:
+            self._seq += 1
+            event = Event.build(self._seq, self._next_id(), draft, now)
+            appended.append(event)
+            if self._max_events:
+                self._events.append(event)
+                self._positions[event.id] = event.seq
+            self._head_id = event.id
+        self._evict(now)
+        return appended
+
+    def trim(self) -> None:
+        """Drop events past their age; called periodically so an idle log shrinks too."""
+        self._evict(self._clock())
+
+    def _evict(self, now: float) -> None:
+        events, positions = self._events, self._positions
+        oldest_allowed = now - self._ttl
+        while events and (len(events) > self._max_events or events[0].created < oldest_allowed):
+            gone = events.popleft()
+            if positions.get(gone.id) == gone.seq:
+                del positions[gone.id]
+
+    def since(self, last_id: str, selector: Selector) -> Replay:
+        """Events after ``last_id`` that ``selector`` wants, oldest first.
+
+        An id no longer (or never) in the log cannot be placed: the replay then starts at
+        the oldest retained event and says ``missed``, since what came between is gone.
+        """
+        self.trim()
+        head = self._seq
+        position = self._positions.get(last_id)
+        if position is None:
+            if last_id == self._head_id:
+                return Replay([], missed=False, through=head)
+            return Replay(
+                [e for e in self._events if selector.matches_any(e.topics)],
+                missed=True,
+                through=head,
+            )
+        newer: list[Event] = []
+        for event in reversed(self._events):
+            if event.seq <= position:
+                break
+            if selector.matches_any(event.topics):
+                newer.append(event)
+        newer.reverse()
+        return Replay(newer, missed=False, through=head)

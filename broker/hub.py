@@ -1,0 +1,64 @@
+"""The hub: who is subscribed to what, and the fan-out of logged events to them.
+
+The hub never encodes anything. A backend hands it events that already carry their wire
+bytes; the hub finds the interested subscribers through the topic index and offers each
+the same bytes object. A subscriber holding several patterns that match one event (or
+an event with several topics) still gets it once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+from broker.event import Event
+from broker.subscriber import CloseReason, Subscriber
+from broker.topics import TopicIndex
+
+
+class Hub:
+    def __init__(self) -> None:
+        self._index: TopicIndex[Subscriber] = TopicIndex()
+        self._subscribers: set[Subscriber] = set()
+
+    @property
+    def connection_count(self) -> int:
+        return len(self._subscribers)
+
+    @property
+    def index_size(self) -> int:
+        return len(self._index)
+
+    def subscribe(self, subscriber: Subscriber) -> None:
+        """Register at once: from here on, every fanned-out event that matches is offered."""
+        for pattern in subscriber.selector.patterns:
+            self._index.add(pattern, subscriber)
+        self._subscribers.add(subscriber)
+
+    def unsubscribe(self, subscriber: Subscriber) -> None:
+        if subscriber not in self._subscribers:
+            return
+        self._subscribers.discard(subscriber)
+        for pattern in subscriber.selector.patterns:
+            self._index.remove(pattern, subscriber)
+
+    def fan_out(self, events: Sequence[Event]) -> None:
+        index = self._index
+        for event in events:
+            topics = event.topics
+            if len(topics) == 1:
+                found = index.match(topics[0])
+            else:
+                found = [group for topic in topics for group in index.match(topic)]
+            if not found:
+                continue
+            targets: Iterable[Subscriber] = found[0] if len(found) == 1 else set().union(*found)
+            for subscriber in targets:
+                subscriber.offer(event)
+
+    def heartbeat(self) -> None:
+        for subscriber in self._subscribers:
+            subscriber.heartbeat()
+
+    def close_all(self, reason: CloseReason) -> None:
+        for subscriber in list(self._subscribers):
+            subscriber.close(reason)

@@ -1,0 +1,200 @@
+"""Topic names, subscription patterns, and the index that finds who wants an event.
+
+A topic is a ``/``-separated string. A subscription pattern may use two wildcards, each
+a whole segment: ``*`` matches exactly one segment, and ``**`` as the last segment
+matches one or more remaining segments. A ``*`` inside a segment (``a*b``) is an
+ordinary character. Published topics may not have wildcard segments, so a topic never
+means two things.
+
+The index is a segment trie: publishing walks one path per topic (plus the ``*``
+branches), so the cost depends on the topic's depth and the number of distinct
+patterns, never on the number of subscribers.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Hashable, Iterable
+from typing import Generic, TypeVar
+
+MAX_TOPIC_LENGTH = 1024
+STAR = "*"
+DOUBLE_STAR = "**"
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+S = TypeVar("S", bound=Hashable)
+
+
+class TopicError(ValueError):
+    """A topic or pattern that cannot be accepted; the message says why."""
+
+
+def _check_text(topic: object, what: str) -> str:
+    if not isinstance(topic, str):
+        raise TopicError(f"{what} must be a string")
+    if not topic:
+        raise TopicError(f"{what} must not be empty")
+    if len(topic) > MAX_TOPIC_LENGTH:
+        raise TopicError(f"{what} is longer than {MAX_TOPIC_LENGTH} characters")
+    if _CONTROL.search(topic):
+        raise TopicError(f"{what} must not contain control characters")
+    return topic
+
+
+def validate_topic(topic: object) -> str:
+    """Check a topic an event is published to."""
+    text = _check_text(topic, "topic")
+    if any(segment in (STAR, DOUBLE_STAR) for segment in text.split("/")):
+        raise TopicError(f"topic {text!r} has a wildcard segment; wildcards are for subscribing")
+    return text
+
+
+def validate_pattern(pattern: object) -> str:
+    """Check a subscription pattern: ``**`` only as the last segment."""
+    text = _check_text(pattern, "topic")
+    segments = text.split("/")
+    if DOUBLE_STAR in segments[:-1]:
+        raise TopicError(f"topic {text!r}: '**' is only allowed as the last segment")
+    return text
+
+
+def is_pattern(pattern: str) -> bool:
+    return any(segment in (STAR, DOUBLE_STAR) for segment in pattern.split("/"))
+
+
+def pattern_matches(pattern: str, topic: str) -> bool:
+    """Whether one pattern matches one topic; used to filter history during replay."""
+    if pattern == topic:
+        return True
+    wanted = pattern.split("/")
+    actual = topic.split("/")
+    for index, segment in enumerate(wanted):
+        if segment == DOUBLE_STAR:
+            return len(actual) > index
+        if index >= len(actual) or (segment != STAR and segment != actual[index]):
+            return False
+    return len(actual) == len(wanted)
+
+
+class Selector:
+    """A subscription's set of patterns, answering "does this event concern me?"."""
+
+    __slots__ = ("_exact", "_patterns", "patterns")
+
+    def __init__(self, patterns: Iterable[str]) -> None:
+        self.patterns = tuple(dict.fromkeys(patterns))
+        self._exact = frozenset(p for p in self.patterns if not is_pattern(p))
+        self._patterns = tuple(p for p in self.patterns if is_pattern(p))
+
+    def matches_any(self, topics: Iterable[str]) -> bool:
+        for topic in topics:
+            if topic in self._exact:
+                return True
+            for pattern in self._patterns:
+                if pattern_matches(pattern, topic):
+                    return True
+        return False
+
+
+class _Node(Generic[S]):
+    __slots__ = ("children", "here", "rest")
+
+    def __init__(self) -> None:
+        self.children: dict[str, _Node[S]] = {}
+        self.here: set[S] = set()
+        self.rest: set[S] = set()
+
+    def is_empty(self) -> bool:
+        return not (self.children or self.here or self.rest)
+
+
+class TopicIndex(Generic[S]):
+    """Maps patterns to the subscribers holding them.
+
+    ``match`` returns the subscriber sets themselves (no copy): the caller may iterate
+    them only until it next yields to the event loop, and must merge them when there is
+    more than one, since a subscriber can hold several patterns that match one topic.
+    """
+
+    __slots__ = ("_exact", "_root")
+
+    def __init__(self) -> None:
+        self._exact: dict[str, set[S]] = {}
+        self._root: _Node[S] = _Node()
+
+    def add(self, pattern: str, subscriber: S) -> None:
+        if not is_pattern(pattern):
+            self._exact.setdefault(pattern, set()).add(subscriber)
+            return
+        node = self._root
+        segments = pattern.split("/")
+        for segment in segments[:-1]:
+            node = node.children.setdefault(segment, _Node())
+        last = segments[-1]
+        if last == DOUBLE_STAR:
+            node.rest.add(subscriber)
+        else:
+            node.children.setdefault(last, _Node()).here.add(subscriber)
+
+    def remove(self, pattern: str, subscriber: S) -> None:
+        """Forget one pattern of one subscriber, pruning emptied branches so nothing leaks."""
+        if not is_pattern(pattern):
+            subscribers = self._exact.get(pattern)
+            if subscribers is not None:
+                subscribers.discard(subscriber)
+                if not subscribers:
+                    del self._exact[pattern]
+            return
+        segments = pattern.split("/")
+        path: list[tuple[_Node[S], str]] = []
+        node = self._root
+        walk = segments[:-1] if segments[-1] == DOUBLE_STAR else segments
+        for segment in walk:
+            child = node.children.get(segment)
+            if child is None:
+                return
+            path.append((node, segment))
+            node = child
+        if segments[-1] == DOUBLE_STAR:
+            node.rest.discard(subscriber)
+        else:
+            node.here.discard(subscriber)
+        for parent, segment in reversed(path):
+            if not parent.children[segment].is_empty():
+                break
+            del parent.children[segment]
+
+    def match(self, topic: str) -> list[set[S]]:
+        found: list[set[S]] = []
+        exact = self._exact.get(topic)
+        if exact:
+            found.append(exact)
+        root = self._root
+        if root.children or root.rest:
+            self._walk(root, topic.split("/"), 0, found)
+        return found
+
+    def _walk(self, node: _Node[S], segments: list[str], index: int, found: list[set[S]]) -> None:
+        if index == len(segments):
+            if node.here:
+                found.append(node.here)
+            return
+        if node.rest:
+            found.append(node.rest)
+        child = node.children.get(segments[index])
+        if child is not None:
+            self._walk(child, segments, index + 1, found)
+        star = node.children.get(STAR)
+        if star is not None:
+            self._walk(star, segments, index + 1, found)
+
+    def __len__(self) -> int:
+        """Number of distinct exact topics and trie nodes in use (for leak checks)."""
+        count = 0
+        stack = [self._root]
+        while stack:
+            node = stack.pop()
+            count += len(node.children)
+            stack.extend(node.children.values())
+        return len(self._exact) + count

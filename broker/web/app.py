@@ -1,0 +1,71 @@
+"""Assembling the aiohttp application: shared state, routes, middleware, lifecycle.
+
+One timer serves every connection: each ``--heartbeat`` seconds it writes a keep-alive
+comment to every flowing stream and trims expired history. Nothing runs per connection
+except the task aiohttp already gives each request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+
+from broker.backends import Backend
+from broker.backends.memory import MemoryBackend
+from broker.config import Config
+from broker.event import EventLimits
+from broker.hub import Hub
+from broker.metrics import Metrics, Stats
+from broker.subscriber import CloseReason
+from broker.web import cors, health, publish, stream
+from broker.web.errors import error_middleware
+from broker.web.state import STATE, BrokerState
+
+
+def create_app(config: Config, backend: Backend | None = None) -> web.Application:
+    """Build the application; ``backend`` defaults to the in-memory one."""
+    hub = Hub()
+    stats = Stats()
+    if backend is None:
+        backend = MemoryBackend(config.history_size, config.history_ttl)
+    metrics = Metrics(stats, lambda: hub.connection_count, backend.history_size)
+    limits = EventLimits(config.max_topics, config.max_event_bytes)
+    state = BrokerState(config, hub, backend, stats, metrics, limits)
+
+    app = web.Application(middlewares=[error_middleware], client_max_size=config.max_body_bytes)
+    app[STATE] = state
+    app.router.add_get("/events", stream.handle_events)
+    app.router.add_post("/publish", publish.handle_publish)
+    app.router.add_get("/healthz", health.handle_healthz)
+    app.router.add_get("/readyz", health.handle_readyz)
+    app.router.add_get("/metrics", health.handle_metrics)
+    cors.install(app, config.cors_origins)
+    app.cleanup_ctx.append(_lifecycle)
+    app.on_shutdown.append(_end_streams)
+    return app
+
+
+async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
+    state = app[STATE]
+    await state.backend.start(state.hub)
+    ticker = asyncio.create_task(_tick(state), name="broker-heartbeat")
+    yield
+    ticker.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await ticker
+    await state.backend.close()
+
+
+async def _tick(state: BrokerState) -> None:
+    while True:
+        await asyncio.sleep(state.config.heartbeat)
+        state.hub.heartbeat()
+        state.backend.trim()
+
+
+async def _end_streams(app: web.Application) -> None:
+    """End every stream cleanly so each EventSource reconnects, to another node if any."""
+    app[STATE].hub.close_all(CloseReason.SHUTDOWN)

@@ -1,0 +1,26 @@
+"""What every handler shares, stored on the application under one typed key."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from aiohttp import web
+
+from broker.backends import Backend
+from broker.config import Config
+from broker.event import EventLimits
+from broker.hub import Hub
+from broker.metrics import Metrics, Stats
+
+
+@dataclasses.dataclass(slots=True)
+class BrokerState:
+    config: Config
+    hub: Hub
+    backend: Backend
+    stats: Stats
+    metrics: Metrics
+    limits: EventLimits
+
+
+STATE = web.AppKey("state", BrokerState)
