@@ -163,7 +163,8 @@ class _Option:
 
     @property
     def env(self) -> str:
-        return ENV_PREFIX + self.field.upper()
+        """``BROKER_`` plus the flag's name (``--cors-origin`` -> ``BROKER_CORS_ORIGIN``)."""
+        return ENV_PREFIX + self.flag.removeprefix("--").replace("-", "_").upper()
 
 
 _OPTIONS: tuple[_Option, ...] = (
@@ -286,28 +287,31 @@ def config_from_args(args: argparse.Namespace, environ: Mapping[str, str]) -> Co
     Raises ``ConfigError`` with a message naming the flag, the bad value and its source.
     """
     values: dict[str, Any] = {}
+    origins: dict[str, str] = {}
     for option in _OPTIONS:
         raw: Any = getattr(args, option.field, None)
         source = option.flag
         if raw is None and option.env in environ:
             raw = environ[option.env]
             source = f"{option.flag} (from {option.env})"
+            origins[option.field] = f", from {option.env}"
             if option.repeatable:
                 raw = [item for item in re.split(r"[,\s]+", raw) if item]
         if raw is None:
             continue
-        try:
-            if option.repeatable:
-                values[option.field] = tuple(dict.fromkeys(option.parse(item) for item in raw))
-            else:
-                values[option.field] = option.parse(raw)
-        except ValueError as exc:
-            raise ConfigError(f"{source}: {exc} (got {raw!r})") from None
+        parsed: list[Any] = []
+        for item in raw if option.repeatable else [raw]:
+            try:
+                parsed.append(option.parse(item))
+            except ValueError as exc:
+                raise ConfigError(f"{source}: {exc} (got {item!r})") from None
+        values[option.field] = tuple(dict.fromkeys(parsed)) if option.repeatable else parsed[0]
     config = Config(**values)
     if config.max_event_bytes > config.queue_bytes:
         raise ConfigError(
-            f"--max-event-bytes ({config.max_event_bytes}) must not exceed "
-            f"--queue-bytes ({config.queue_bytes}): such an event could never be queued"
+            f"--max-event-bytes ({config.max_event_bytes}{origins.get('max_event_bytes', '')}) "
+            f"must not exceed --queue-bytes ({config.queue_bytes}"
+            f"{origins.get('queue_bytes', '')}): such an event could never be queued"
         )
     return config
 

@@ -37,7 +37,7 @@ def create_app(config: Config, backend: Backend | None = None) -> web.Applicatio
 
     app = web.Application(middlewares=[error_middleware], client_max_size=config.max_body_bytes)
     app[STATE] = state
-    app.router.add_get("/events", stream.handle_events)
+    app.router.add_get("/events", stream.handle_events, allow_head=False)
     app.router.add_post("/publish", publish.handle_publish)
     app.router.add_get("/healthz", health.handle_healthz)
     app.router.add_get("/readyz", health.handle_readyz)

@@ -46,11 +46,13 @@ def parse_selector(patterns: list[str], max_topics: int) -> Selector:
 
 def last_event_id(request: web.Request) -> str | None:
     """The resume point: the header a reconnecting browser sends wins over the query
-    parameter that its first connection (which cannot set headers) carried."""
-    value = request.headers.get("Last-Event-ID")
-    if value is None:
-        value = request.query.get("lastEventID")
-    if value is None:
+    parameter that its first connection (which cannot set headers) carried.
+
+    An empty value is no resume point (a browser whose last event ID is empty sends no
+    header at all), not an unknown id that would replay the whole history as missed.
+    """
+    value = request.headers.get("Last-Event-ID") or request.query.get("lastEventID")
+    if not value:
         return None
     if len(value) > MAX_LAST_EVENT_ID_LENGTH:
         raise InvalidSubscription(

@@ -1,0 +1,76 @@
+"""Fan-out: who gets an event, and that each gets it once.
+
+Subscribers here are not attached to a connection yet, so every offered event lands in
+their queue, which is exactly what the hub's contract is about.
+"""
+
+from __future__ import annotations
+
+from broker.config import Overflow
+from broker.event import Event, EventDraft
+from broker.history import EventLog
+from broker.hub import Hub
+from broker.metrics import Stats
+from broker.subscriber import CloseReason, Subscriber
+from broker.topics import Selector
+
+
+def subscriber(*patterns: str) -> Subscriber:
+    return Subscriber(
+        Selector(patterns),
+        max_events=100,
+        max_bytes=1 << 20,
+        overflow=Overflow.DROP_OLDEST,
+        stats=Stats(),
+    )
+
+
+def events(*topic_lists: tuple[str, ...]) -> list[Event]:
+    log = EventLog(100, 60)
+    return log.append(EventDraft(topics, b"data: x\n\n") for topics in topic_lists)
+
+
+def test_each_matching_subscriber_gets_the_event_once() -> None:
+    hub = Hub()
+    exact, star, rest, overlapping, other = (
+        subscriber("a/b"),
+        subscriber("a/*"),
+        subscriber("a/**"),
+        subscriber("a/b", "a/*", "a/**", "**"),
+        subscriber("z"),
+    )
+    for sub in (exact, star, rest, overlapping, other):
+        hub.subscribe(sub)
+    hub.fan_out(events(("a/b",)))
+    assert [s.queued for s in (exact, star, rest, overlapping, other)] == [1, 1, 1, 1, 0]
+
+
+def test_an_event_with_several_topics_reaches_a_subscriber_of_both_once() -> None:
+    hub = Hub()
+    both, first = subscriber("x", "y"), subscriber("x")
+    hub.subscribe(both)
+    hub.subscribe(first)
+    hub.fan_out(events(("x", "y"), ("y",)))
+    assert (both.queued, first.queued) == (2, 1)
+
+
+def test_unsubscribe_stops_delivery_and_empties_the_index() -> None:
+    hub = Hub()
+    sub = subscriber("a", "b/*", "c/**")
+    hub.subscribe(sub)
+    hub.unsubscribe(sub)
+    hub.unsubscribe(sub)
+    hub.fan_out(events(("a",), ("b/1",), ("c/1/2",)))
+    assert sub.queued == 0
+    assert (hub.connection_count, hub.index_size) == (0, 0)
+
+
+def test_close_all_marks_every_subscriber() -> None:
+    hub = Hub()
+    subs = [subscriber("a") for _ in range(3)]
+    for sub in subs:
+        hub.subscribe(sub)
+    hub.close_all(CloseReason.SHUTDOWN)
+    assert {sub.close_reason for sub in subs} == {CloseReason.SHUTDOWN}
+    hub.fan_out(events(("a",)))
+    assert all(sub.queued == 0 for sub in subs)
