@@ -100,7 +100,8 @@ async def serve(config: Config) -> None:
         app,
         access_log=None,
         handler_cancellation=True,
-        shutdown_timeout=config.shutdown_timeout,
+        # Streams get most of the budget; the rest is for closing the backend.
+        shutdown_timeout=config.shutdown_timeout * 0.8,
     )
     await runner.setup()
     site = web.TCPSite(runner, config.host, config.port, backlog=4096)

@@ -144,7 +144,7 @@ class Subscriber:
         transport = self._transport
         assert transport is not None
         if transport.is_closing():
-            self._live = False
+            self.close(CloseReason.CLIENT)
             return
         transport.write(data)
         self._stats.delivered += count
@@ -188,9 +188,16 @@ class Subscriber:
             self._queued_bytes -= len(queue.popleft().chunk)
 
     def heartbeat(self) -> None:
-        """Write a keep-alive comment if the stream is flowing freely."""
+        """Write a keep-alive comment if the stream is flowing freely.
+
+        Also the backstop for noticing a client that vanished from an idle stream.
+        """
         transport = self._transport
-        if self._live and transport is not None and not transport.is_closing():
+        if not self._live or transport is None:
+            return
+        if transport.is_closing():
+            self.close(CloseReason.CLIENT)
+        else:
             transport.write(_HEARTBEAT_CHUNK if self._chunked else _HEARTBEAT)
 
     def close(self, reason: CloseReason) -> None:
@@ -201,6 +208,7 @@ class Subscriber:
         self.close_reason = reason
         self._live = False
         if reason is CloseReason.OVERFLOW:
+            self._drop(len(self._queue))
             self._queue.clear()
             self._queued_bytes = 0
             if self._transport is not None:
