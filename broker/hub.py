@@ -8,17 +8,22 @@ an event with several topics) still gets it once.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import Iterable, Sequence
 
 from broker.event import Event
+from broker.metrics import Stats
 from broker.subscriber import CloseReason, Run, Subscriber
 from broker.topics import TopicIndex
 
 
 class Hub:
-    def __init__(self) -> None:
+    def __init__(self, stats: Stats) -> None:
+        self._stats = stats
         self._index: TopicIndex[Subscriber] = TopicIndex()
         self._subscribers: set[Subscriber] = set()
+        self._emptied: asyncio.Event | None = None
 
     @property
     def connection_count(self) -> int:
@@ -34,12 +39,16 @@ class Hub:
             self._index.add(pattern, subscriber)
         self._subscribers.add(subscriber)
 
-    def unsubscribe(self, subscriber: Subscriber) -> None:
+    def forget(self, subscriber: Subscriber) -> None:
+        """Remove a subscriber whose stream has ended and count why; safe to call twice."""
         if subscriber not in self._subscribers:
             return
         self._subscribers.discard(subscriber)
         for pattern in subscriber.selector.patterns:
             self._index.remove(pattern, subscriber)
+        self._stats.disconnects[subscriber.close_reason or CloseReason.CLIENT] += 1
+        if not self._subscribers and self._emptied is not None:
+            self._emptied.set()
 
     def fan_out(self, events: Sequence[Event]) -> None:
         """Offer each event to its subscribers.
@@ -79,3 +88,14 @@ class Hub:
     def close_all(self, reason: CloseReason) -> None:
         for subscriber in list(self._subscribers):
             subscriber.close(reason)
+
+    async def shut_down(self, budget: float) -> None:
+        """End every stream cleanly, wait up to ``budget`` seconds for the clients to take
+        the end, then cut the connections of those that did not (they were not reading)."""
+        self.close_all(CloseReason.SHUTDOWN)
+        if self._subscribers:
+            self._emptied = asyncio.Event()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._emptied.wait(), budget)
+        for subscriber in list(self._subscribers):
+            subscriber.abort()

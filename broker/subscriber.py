@@ -1,13 +1,16 @@
-"""One connected subscriber: its bounded queue, its overflow policy, and its writer loop.
+"""One connected subscriber: its bounded queue, its overflow policy, and its connection.
 
 Delivery has two speeds. While the socket keeps up, ``offer`` writes the event's shared
 bytes straight to the transport: no queue, no task switch, nothing allocated per
-subscriber. Once the transport's buffer passes its high-water mark, the subscriber stops
-writing directly and queues events instead, up to ``max_events`` and ``max_bytes``;
-its connection's task (the one serving the request, never one per event) waits for the
-socket to drain, writes the queue as one batch and goes back to direct writes. A slow
-reader therefore costs the publisher one append, and its memory is bounded by the
-transport's high-water mark plus the queue limits.
+subscriber. When the transport's buffer passes its high-water mark it pauses us, and
+events queue instead, up to ``max_events`` and ``max_bytes``; when it resumes us, the
+queue goes out as one write. A slow reader therefore costs the publisher one append, and
+its memory is bounded by the transport's high-water mark plus the queue limits.
+
+Once the response head, the opening bytes and any replay are written, the subscriber
+takes the connection over: it becomes the transport's protocol, and the HTTP request
+(its parser, tasks and objects) is released. A live stream then costs only the
+transport and this object: no task, no future, no timer of its own.
 """
 
 from __future__ import annotations
@@ -71,19 +74,21 @@ class Run:
         return self._frame
 
 
-class Subscriber:
+class Subscriber(asyncio.Protocol):
     __slots__ = (
         "_chunked",
         "_live",
         "_max_bytes",
         "_max_events",
+        "_on_lost",
         "_overflow",
+        "_owned",
+        "_paused",
         "_queue",
         "_queued_bytes",
         "_stats",
         "_transport",
         "_unreported_drops",
-        "_waiter",
         "close_reason",
         "dropped",
         "selector",
@@ -97,6 +102,7 @@ class Subscriber:
         max_bytes: int,
         overflow: Overflow,
         stats: Stats,
+        on_lost: Callable[[Subscriber], None],
     ) -> None:
         self.selector = selector
         self.dropped = 0
@@ -105,152 +111,38 @@ class Subscriber:
         self._max_bytes = max_bytes
         self._overflow = overflow
         self._stats = stats
-        self._queue: deque[Event] = deque()
+        self._on_lost = on_lost
+        # Allocated on first use: most streams never queue, and an empty deque is 600 bytes.
+        self._queue: deque[Event] | None = None
         self._queued_bytes = 0
         self._unreported_drops = 0
         self._transport: asyncio.Transport | None = None
         self._chunked = True
         self._live = False
-        self._waiter: asyncio.Future[None] | None = None
+        self._paused = False
+        self._owned = False
 
     def __repr__(self) -> str:
-        return f"<Subscriber {list(self.selector.patterns)!r} queued={len(self._queue)}>"
+        return f"<Subscriber {list(self.selector.patterns)!r} queued={self.queued}>"
 
     @property
     def queued(self) -> int:
-        return len(self._queue)
+        return len(self._queue) if self._queue else 0
+
+    # -- before the take-over: the request's task writes the opening bytes and the replay
 
     def attach(self, transport: asyncio.Transport, *, chunked: bool) -> None:
         """Bind to the connection once the response headers are out."""
         self._transport = transport
         self._chunked = chunked
 
-    def offer(self, event: Event) -> None:
-        """Hand one event to this subscriber; never blocks, never raises."""
-        if self._live:
-            self._write_live(event.chunk if self._chunked else event.frame, 1)
-        elif self.close_reason is None:
-            self._enqueue(event)
-
-    def offer_run(self, run: Run) -> None:
-        """Like ``offer`` for each event of ``run``, with one write while the socket keeps up."""
-        if self._live:
-            self._write_live(run.wire(self._chunked), len(run.events))
-        elif self.close_reason is None:
-            for event in run.events:
-                self._enqueue(event)
-
-    def _write_live(self, data: bytes, count: int) -> None:
-        transport = self._transport
-        assert transport is not None
-        if transport.is_closing():
-            self.close(CloseReason.CLIENT)
-            return
-        transport.write(data)
-        self._stats.delivered += count
-        if transport.get_write_buffer_size() > transport.get_write_buffer_limits()[1]:
-            self._live = False
-            self._wake()
-
-    def _enqueue(self, event: Event) -> None:
-        queue = self._queue
-        size = len(event.chunk)
-        if len(queue) >= self._max_events or self._queued_bytes + size > self._max_bytes:
-            if self._overflow is Overflow.DISCONNECT:
-                self._drop(1)
-                self.close(CloseReason.OVERFLOW)
-                return
-            if self._overflow is Overflow.DROP_NEWEST:
-                self._drop(1)
-                return
-            while queue and (
-                len(queue) >= self._max_events or self._queued_bytes + size > self._max_bytes
-            ):
-                self._queued_bytes -= len(queue.popleft().chunk)
-                self._drop(1)
-            if self._queued_bytes + size > self._max_bytes:
-                self._drop(1)
-                return
-        queue.append(event)
-        self._queued_bytes += size
-        if len(queue) == 1:
-            self._wake()
-
-    def _drop(self, count: int) -> None:
-        self.dropped += count
-        self._unreported_drops += count
-        self._stats.dropped += count
-
-    def skip_through(self, position: int) -> None:
-        """Forget queued live events a replay already covered (``Replay.through``)."""
-        queue = self._queue
-        while queue and queue[0].seq <= position:
-            self._queued_bytes -= len(queue.popleft().chunk)
-
-    def heartbeat(self) -> None:
-        """Write a keep-alive comment if the stream is flowing freely.
-
-        Also the backstop for noticing a client that vanished from an idle stream.
-        """
-        transport = self._transport
-        if not self._live or transport is None:
-            return
-        if transport.is_closing():
-            self.close(CloseReason.CLIENT)
-        else:
-            transport.write(_HEARTBEAT_CHUNK if self._chunked else _HEARTBEAT)
-
-    def close(self, reason: CloseReason) -> None:
-        """End the stream. An overflowing client is cut at once, since it is not reading;
-        otherwise the writer loop flushes what is queued and the response ends cleanly."""
-        if self.close_reason is not None:
-            return
-        self.close_reason = reason
-        self._live = False
-        if reason is CloseReason.OVERFLOW:
-            self._drop(len(self._queue))
-            self._queue.clear()
-            self._queued_bytes = 0
-            if self._transport is not None:
-                self._transport.abort()
-        self._wake()
-
-    def _wake(self) -> None:
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
-
-    def _flush(self) -> None:
-        parts: list[bytes] = []
-        report = self._unreported_drops
-        if report and self._overflow is not Overflow.DROP_NEWEST:
-            parts.append(self._wire(notice(DROPPED_EVENT, {"dropped": report})))
-        chunked = self._chunked
-        parts.extend(event.chunk if chunked else event.frame for event in self._queue)
-        self._stats.delivered += len(self._queue)
-        self._queue.clear()
-        self._queued_bytes = 0
-        if report and self._overflow is Overflow.DROP_NEWEST:
-            parts.append(self._wire(notice(DROPPED_EVENT, {"dropped": report})))
-        self._unreported_drops = 0
-        self._write(b"".join(parts))
-
-    def _wire(self, frame: bytes) -> bytes:
-        return sse.as_chunk(frame) if self._chunked else frame
-
-    def _write(self, data: bytes) -> None:
-        transport = self._transport
-        assert transport is not None
-        if not transport.is_closing():
-            transport.write(data)
-
     async def send_replay(
         self, replay: Replay, last_id: str, drain: Callable[[], Awaitable[None]]
     ) -> None:
         """Write history ahead of the live stream, then drop the live events it covered.
 
-        Runs before the subscriber goes live, so events published meanwhile wait in the
-        queue; ``skip_through`` then removes those the replay already included.
+        Runs before the take-over, so events published meanwhile wait in the queue;
+        ``skip_through`` then removes those the replay already included.
         """
         if replay.missed:
             self._write(self._wire(notice(MISSED_EVENT, {"lastEventId": last_id})))
@@ -272,24 +164,181 @@ class Subscriber:
         self._stats.delivered += len(replay.events)
         self.skip_through(replay.through)
 
-    async def run(self, drain: Callable[[], Awaitable[None]]) -> CloseReason:
-        """Serve the stream until it is closed; cancelled when the client goes away.
+    def skip_through(self, position: int) -> None:
+        """Forget queued live events a replay already covered (``Replay.through``)."""
+        queue = self._queue
+        while queue and queue[0].seq <= position:
+            self._queued_bytes -= len(queue.popleft().chunk)
 
-        ``drain`` waits until the transport's buffer is below its low-water mark.
+    def take_over(self) -> None:
+        """Become the transport's protocol and go live.
+
+        From here the transport tells us directly when it pauses, resumes or closes. Call
+        it right after a drain: a transport between its marks after a pause would not
+        pause us again, and we would write past the high-water mark unchecked.
         """
-        loop = asyncio.get_running_loop()
-        while True:
-            if self._queue or self._unreported_drops:
-                self._flush()
-                await drain()
-                continue
-            if self.close_reason is not None:
-                return self.close_reason
-            self._live = True
-            self._waiter = loop.create_future()
-            try:
-                await self._waiter
-            finally:
-                self._waiter = None
-            if self.close_reason is None and not self._queue:
-                await drain()
+        transport = self._transport
+        assert transport is not None
+        transport.set_protocol(self)
+        self._owned = True
+        if transport.is_closing():
+            # Its connection_lost may already have gone to aiohttp's protocol.
+            self.connection_lost(None)
+            return
+        self._paused = transport.get_write_buffer_size() > transport.get_write_buffer_limits()[1]
+        if self.close_reason is not None:
+            self._end()
+        elif not self._paused:
+            self._flush()
+            self._live = not self._paused
+
+    # -- asyncio.Protocol, after the take-over
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._live = False
+        if self.close_reason is None:
+            self.close_reason = CloseReason.CLIENT
+        self._queue = None
+        self._queued_bytes = 0
+        self._on_lost(self)
+
+    def pause_writing(self) -> None:
+        self._paused = True
+        self._live = False
+
+    def resume_writing(self) -> None:
+        self._paused = False
+        if self.close_reason is None:
+            self._flush()
+            self._live = not self._paused
+
+    def data_received(self, data: bytes) -> None:
+        """A subscriber has nothing more to say; anything it sends is ignored."""
+
+    def eof_received(self) -> bool:
+        return False
+
+    # -- delivery
+
+    def offer(self, event: Event) -> None:
+        """Hand one event to this subscriber; never blocks, never raises."""
+        if self._live:
+            self._send(event.chunk if self._chunked else event.frame, 1)
+        elif self.close_reason is None:
+            self._enqueue(event)
+
+    def offer_run(self, run: Run) -> None:
+        """Like ``offer`` for each event of ``run``, with one write while the socket keeps up."""
+        if self._live:
+            self._send(run.wire(self._chunked), len(run.events))
+        elif self.close_reason is None:
+            for event in run.events:
+                self._enqueue(event)
+
+    def _send(self, data: bytes, count: int) -> None:
+        transport = self._transport
+        assert transport is not None
+        if transport.is_closing():
+            self._live = False
+            return
+        transport.write(data)
+        self._stats.delivered += count
+
+    def _enqueue(self, event: Event) -> None:
+        queue = self._queue
+        if queue is None:
+            queue = self._queue = deque()
+        size = len(event.chunk)
+        if len(queue) >= self._max_events or self._queued_bytes + size > self._max_bytes:
+            if self._overflow is Overflow.DISCONNECT:
+                self._drop(1)
+                self.close(CloseReason.OVERFLOW)
+                return
+            if self._overflow is Overflow.DROP_NEWEST:
+                self._drop(1)
+                return
+            while queue and (
+                len(queue) >= self._max_events or self._queued_bytes + size > self._max_bytes
+            ):
+                self._queued_bytes -= len(queue.popleft().chunk)
+                self._drop(1)
+            if self._queued_bytes + size > self._max_bytes:
+                self._drop(1)
+                return
+        queue.append(event)
+        self._queued_bytes += size
+
+    def _drop(self, count: int) -> None:
+        self.dropped += count
+        self._unreported_drops += count
+        self._stats.dropped += count
+
+    def _flush(self) -> None:
+        """Write the queue, with the drop notice where the gap is, as one write."""
+        queue = self._queue
+        report = self._unreported_drops
+        if not queue and not report:
+            return
+        parts: list[bytes] = []
+        if report and self._overflow is not Overflow.DROP_NEWEST:
+            parts.append(self._wire(notice(DROPPED_EVENT, {"dropped": report})))
+        if queue:
+            chunked = self._chunked
+            parts.extend(event.chunk if chunked else event.frame for event in queue)
+            self._stats.delivered += len(queue)
+            queue.clear()
+        self._queued_bytes = 0
+        if report and self._overflow is Overflow.DROP_NEWEST:
+            parts.append(self._wire(notice(DROPPED_EVENT, {"dropped": report})))
+        self._unreported_drops = 0
+        self._write(b"".join(parts))
+
+    def heartbeat(self) -> None:
+        """Write a keep-alive comment if the stream is flowing freely."""
+        if self._live:
+            self._send(_HEARTBEAT_CHUNK if self._chunked else _HEARTBEAT, 0)
+
+    # -- ending
+
+    def close(self, reason: CloseReason) -> None:
+        """End the stream.
+
+        An overflowing client is cut at once, since it is not reading. Otherwise what is
+        queued goes out, then the end of the response, so ``EventSource`` reconnects.
+        Before the take-over only the reason is recorded; the request's task ends it.
+        """
+        if self.close_reason is not None:
+            return
+        self.close_reason = reason
+        self._live = False
+        if reason is CloseReason.OVERFLOW:
+            if self._queue:
+                self._drop(len(self._queue))
+                self._queue.clear()
+            self._queued_bytes = 0
+            if self._transport is not None:
+                self._transport.abort()
+        elif self._owned:
+            self._end()
+
+    def _end(self) -> None:
+        transport = self._transport
+        assert transport is not None
+        self._flush()
+        if self._chunked:
+            self._write(b"0\r\n\r\n")
+        transport.close()
+
+    def abort(self) -> None:
+        """Cut the connection now; for streams that did not end within the shutdown budget."""
+        if self._transport is not None:
+            self._transport.abort()
+
+    def _wire(self, frame: bytes) -> bytes:
+        return sse.as_chunk(frame) if self._chunked else frame
+
+    def _write(self, data: bytes) -> None:
+        transport = self._transport
+        assert transport is not None
+        if not transport.is_closing():
+            transport.write(data)

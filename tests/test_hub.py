@@ -22,6 +22,7 @@ def subscriber(*patterns: str) -> Subscriber:
         max_bytes=1 << 20,
         overflow=Overflow.DROP_OLDEST,
         stats=Stats(),
+        on_lost=lambda _: None,
     )
 
 
@@ -31,7 +32,7 @@ def events(*topic_lists: tuple[str, ...]) -> list[Event]:
 
 
 def test_each_matching_subscriber_gets_the_event_once() -> None:
-    hub = Hub()
+    hub = Hub(Stats())
     exact, star, rest, overlapping, other = (
         subscriber("a/b"),
         subscriber("a/*"),
@@ -46,7 +47,7 @@ def test_each_matching_subscriber_gets_the_event_once() -> None:
 
 
 def test_an_event_with_several_topics_reaches_a_subscriber_of_both_once() -> None:
-    hub = Hub()
+    hub = Hub(Stats())
     both, first = subscriber("x", "y"), subscriber("x")
     hub.subscribe(both)
     hub.subscribe(first)
@@ -54,19 +55,21 @@ def test_an_event_with_several_topics_reaches_a_subscriber_of_both_once() -> Non
     assert (both.queued, first.queued) == (2, 1)
 
 
-def test_unsubscribe_stops_delivery_and_empties_the_index() -> None:
-    hub = Hub()
+def test_forget_stops_delivery_empties_the_index_and_counts_once() -> None:
+    stats = Stats()
+    hub = Hub(stats)
     sub = subscriber("a", "b/*", "c/**")
     hub.subscribe(sub)
-    hub.unsubscribe(sub)
-    hub.unsubscribe(sub)
+    hub.forget(sub)
+    hub.forget(sub)
+    assert stats.disconnects == {"client": 1}
     hub.fan_out(events(("a",), ("b/1",), ("c/1/2",)))
     assert sub.queued == 0
     assert (hub.connection_count, hub.index_size) == (0, 0)
 
 
 def test_close_all_marks_every_subscriber() -> None:
-    hub = Hub()
+    hub = Hub(Stats())
     subs = [subscriber("a") for _ in range(3)]
     for sub in subs:
         hub.subscribe(sub)

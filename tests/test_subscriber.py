@@ -1,10 +1,13 @@
-"""A subscriber's bounded queue, its overflow policies and the replay seam.
+"""A subscriber's bounded queue, its overflow policies, the replay seam and its ending.
 
-The first half drives ``Subscriber`` directly over a real TCP connection on 127.0.0.1:
-the broker's end is an asyncio transport, the client's end a socket the test reads only
-when it chooses, with small kernel buffers so that "not reading" backs up after a few
-kilobytes. The second half does the same through the running app with raw-socket
-subscribers that stop reading, and checks what ``/metrics`` says.
+The first half drives ``Subscriber`` directly over a real TCP connection on 127.0.0.1.
+The broker's end is an asyncio transport that starts out owned by ``RequestSide`` (which
+stands in for aiohttp's protocol: it hears the transport's flow control and offers the
+``drain`` a replay waits on) until ``take_over`` makes the subscriber its protocol, as the
+stream handler does. The client's end is a socket the test reads only when it chooses,
+with small kernel buffers so that "not reading" backs up after a few kilobytes. The
+second half does the same through the running app with raw-socket subscribers that stop
+reading, and checks what ``/metrics`` says.
 """
 
 from __future__ import annotations
@@ -38,23 +41,59 @@ from tests.test_stream import Frame, RawStream, open_raw, scrape, subscribers
 
 LIMITS = EventLimits(max_topics=64, max_event_bytes=256 * 1024)
 SMALL_BUFFER = 4096
+HIGH_WATER = 16 * 1024
+LINGER_ZERO = b"\x01\x00\x00\x00\x00\x00\x00\x00"
 
 
 # --- a real connection, and events to offer ---------------------------------------------
 
 
+class RequestSide(asyncio.Protocol):
+    """The connection's protocol until the take-over, in aiohttp's place: it is told when
+    the transport pauses and resumes, and ``drain`` waits for the resume."""
+
+    def __init__(self) -> None:
+        self.paused = False
+        self.lost = False
+        self._resumed: asyncio.Future[None] | None = None
+
+    def pause_writing(self) -> None:
+        self.paused = True
+
+    def resume_writing(self) -> None:
+        self.paused = False
+        self._wake()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        self._wake()
+
+    def _wake(self) -> None:
+        if self._resumed is not None and not self._resumed.done():
+            self._resumed.set_result(None)
+
+    async def drain(self) -> None:
+        while self.paused:
+            if self.lost:
+                raise ConnectionResetError("connection lost while waiting to write")
+            self._resumed = asyncio.get_running_loop().create_future()
+            await self._resumed
+
+
 @dataclasses.dataclass
 class Wire:
-    """One TCP connection: ``transport``/``drain`` are the broker's side, ``peer`` the
-    client's, which reads nothing until the test asks it to."""
+    """One TCP connection: ``transport`` is the broker's side, first owned by
+    ``request_side``; ``peer`` is the client's, which reads nothing until the test asks it
+    to. ``forgotten`` records the subscribers whose ``on_lost`` was called."""
 
     transport: asyncio.Transport
-    writer: asyncio.StreamWriter
+    request_side: RequestSide
     peer: RawStream
+    forgotten: list[Subscriber] = dataclasses.field(default_factory=list)
 
     @property
     def drain(self) -> Callable[[], Awaitable[None]]:
-        return self.writer.drain
+        return self.request_side.drain
 
     def buffered(self) -> int:
         return self.transport.get_write_buffer_size()
@@ -77,17 +116,18 @@ async def connect() -> AsyncIterator[WireFactory]:
             await loop.sock_connect(peer, listener.getsockname())
             server_side, _ = await loop.sock_accept(listener)
         server_side.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SMALL_BUFFER)
-        _, writer = await asyncio.open_connection(sock=server_side)
-        transport = writer.transport
-        assert isinstance(transport, asyncio.Transport)
-        transport.set_write_buffer_limits(high=16 * 1024)
-        wire = Wire(transport, writer, RawStream(peer, http=False))
+        transport, request_side = await loop.connect_accepted_socket(RequestSide, server_side)
+        transport.set_write_buffer_limits(high=HIGH_WATER)
+        wire = Wire(transport, request_side, RawStream(peer, http=False))
         wires.append(wire)
         return wire
 
     yield make
     for wire in wires:
-        wire.transport.abort()
+        # Only a connection still open: on Python 3.11, aborting a transport whose close
+        # already completed (after flushing its buffer) raises AttributeError.
+        if not wire.forgotten and not wire.request_side.lost:
+            wire.transport.abort()
         wire.peer.close()
     await asyncio.sleep(0)
 
@@ -109,41 +149,57 @@ class Numbered:
 
 
 def new_subscriber(
+    wire: Wire,
     overflow: Overflow = Overflow.DROP_OLDEST,
     *,
     max_events: int = 8,
     max_bytes: int = 1 << 20,
     stats: Stats | None = None,
+    topic: str = "t",
+    hub: Hub | None = None,
 ) -> Subscriber:
+    """A subscriber for ``wire``'s connection (not yet bound to it) whose ``on_lost``
+    records it in ``wire.forgotten`` and, given a ``hub``, has the hub forget it."""
+
+    def on_lost(subscriber: Subscriber) -> None:
+        wire.forgotten.append(subscriber)
+        if hub is not None:
+            hub.forget(subscriber)
+
     return Subscriber(
-        Selector(["t"]),
+        Selector([topic]),
         max_events=max_events,
         max_bytes=max_bytes,
         overflow=overflow,
         stats=Stats() if stats is None else stats,
+        on_lost=on_lost,
     )
 
 
-async def start(subscriber: Subscriber, wire: Wire) -> asyncio.Task[CloseReason]:
-    """Attach and run the writer loop until it waits, flowing, for events."""
+def take_over(subscriber: Subscriber, wire: Wire) -> None:
+    """Bind and take the connection over, as the stream handler does once its opening
+    bytes (and any replay) are out."""
     subscriber.attach(wire.transport, chunked=True)
-    task = asyncio.create_task(subscriber.run(wire.drain))
-    await wait_for(lambda: subscriber._live)
-    return task
+    subscriber.take_over()
+    assert wire.transport.get_protocol() is subscriber
 
 
-async def stall(subscriber: Subscriber, source: Numbered) -> list[Event]:
-    """Offer events to a flowing subscriber whose peer does not read, until it stops
-    writing directly and its writer loop sits waiting for the socket; return them all
-    (every one of them is on its way to the peer)."""
+def stall(subscriber: Subscriber, wire: Wire, source: Numbered) -> list[Event]:
+    """Offer events to a flowing subscriber whose peer does not read until the transport
+    passes its high-water mark (and so pauses the subscriber); return them all: every one
+    of them was written, none queued."""
     offered: list[Event] = []
-    while subscriber.queued == 0:
+    while wire.buffered() <= HIGH_WATER:
         assert len(offered) < 10_000, "the socket never backed up"
         [event] = source.take(1)
         subscriber.offer(event)
         offered.append(event)
-    await wait_for(lambda: subscriber.queued == 0 and not subscriber._live)
+    assert subscriber.queued == 0, "a flowing subscriber writes, it does not queue"
     return offered
+
+
+def queued_events(subscriber: Subscriber) -> list[Event]:
+    return list(subscriber._queue or ())
 
 
 def queued_bytes(subscriber: Subscriber) -> int:
@@ -173,21 +229,14 @@ def last_event(stream: RawStream) -> Frame:
     return events[-1] if events else Frame([], [])
 
 
-async def finish(task: asyncio.Task[CloseReason]) -> None:
-    if not task.done():
-        task.cancel()
-    with contextlib.suppress(asyncio.CancelledError, ConnectionError):
-        await task
-
-
 # --- the bounded queue ------------------------------------------------------------------
 
 
 async def test_flowing_subscriber_writes_directly_and_queues_nothing(connect: WireFactory) -> None:
     wire = await connect()
     stats = Stats()
-    subscriber = new_subscriber(stats=stats)
-    task = await start(subscriber, wire)
+    subscriber = new_subscriber(wire, stats=stats)
+    take_over(subscriber, wire)
     events = Numbered(pad=10).take(5)
     for event in events:
         subscriber.offer(event)
@@ -195,7 +244,6 @@ async def test_flowing_subscriber_writes_directly_and_queues_nothing(connect: Wi
     await wire.peer.read_until(lambda: len(wire.peer.events()) == 5)
     assert received(wire.peer.frames) == ids(events)
     assert stats.delivered == 5
-    await finish(task)
 
 
 @pytest.mark.parametrize("overflow", [Overflow.DROP_OLDEST, Overflow.DROP_NEWEST])
@@ -204,40 +252,38 @@ async def test_stuck_reader_queue_never_exceeds_its_event_limit(
 ) -> None:
     wire = await connect()
     stats = Stats()
-    subscriber = new_subscriber(overflow, max_events=8, stats=stats)
-    task = await start(subscriber, wire)
+    subscriber = new_subscriber(wire, overflow, max_events=8, stats=stats)
+    take_over(subscriber, wire)
     source = Numbered()
-    await stall(subscriber, source)
+    stall(subscriber, wire, source)
     buffered = wire.buffered()
     for event in source.take(100):
         subscriber.offer(event)
         assert subscriber.queued <= 8
     assert subscriber.queued == 8
-    assert wire.buffered() == buffered, "a stalled subscriber must not write"
+    assert wire.buffered() == buffered, "a paused subscriber must not write"
     assert subscriber.dropped == stats.dropped == 92
-    await finish(task)
 
 
 async def test_stuck_reader_queue_never_exceeds_its_byte_limit(connect: WireFactory) -> None:
     wire = await connect()
-    subscriber = new_subscriber(max_events=1000, max_bytes=8 * 1024)
-    task = await start(subscriber, wire)
+    subscriber = new_subscriber(wire, max_events=1000, max_bytes=8 * 1024)
+    take_over(subscriber, wire)
     source = Numbered(pad=1000)
-    await stall(subscriber, source)
+    stall(subscriber, wire, source)
     for event in source.take(50):
         subscriber.offer(event)
         assert queued_bytes(subscriber) <= 8 * 1024
-    assert queued_bytes(subscriber) == sum(len(event.chunk) for event in subscriber._queue)
+    assert queued_bytes(subscriber) == sum(len(event.chunk) for event in queued_events(subscriber))
     assert queued_bytes(subscriber) + len(source.take(1)[0].chunk) > 8 * 1024, "queue is full"
     assert subscriber.dropped == 50 - subscriber.queued
-    await finish(task)
 
 
 async def test_drop_oldest_makes_room_by_bytes_for_a_large_event(connect: WireFactory) -> None:
     wire = await connect()
-    subscriber = new_subscriber(max_events=1000, max_bytes=8 * 1024)
-    task = await start(subscriber, wire)
-    await stall(subscriber, Numbered(pad=100))
+    subscriber = new_subscriber(wire, max_events=1000, max_bytes=8 * 1024)
+    take_over(subscriber, wire)
+    stall(subscriber, wire, Numbered(pad=100))
     small = Numbered(pad=100, log=EventLog(1000, 60)).take(40)
     for event in small:
         subscriber.offer(event)
@@ -245,9 +291,8 @@ async def test_drop_oldest_makes_room_by_bytes_for_a_large_event(connect: WireFa
     dropped = subscriber.dropped
     subscriber.offer(large)
     assert queued_bytes(subscriber) <= 8 * 1024
-    assert subscriber._queue[-1] is large
+    assert queued_events(subscriber)[-1] is large
     assert subscriber.dropped > dropped, "older events made room"
-    await finish(task)
 
 
 async def test_drop_oldest_keeps_the_newest_and_reports_the_count_before_them(
@@ -255,10 +300,10 @@ async def test_drop_oldest_keeps_the_newest_and_reports_the_count_before_them(
 ) -> None:
     wire = await connect()
     stats = Stats()
-    subscriber = new_subscriber(Overflow.DROP_OLDEST, max_events=8, stats=stats)
-    task = await start(subscriber, wire)
+    subscriber = new_subscriber(wire, Overflow.DROP_OLDEST, max_events=8, stats=stats)
+    take_over(subscriber, wire)
     source = Numbered()
-    written = await stall(subscriber, source)
+    written = stall(subscriber, wire, source)
     overflowing = source.take(24)
     for event in overflowing:
         subscriber.offer(event)
@@ -271,13 +316,11 @@ async def test_drop_oldest_keeps_the_newest_and_reports_the_count_before_them(
     ]
     assert subscriber.dropped == stats.dropped == 16
 
-    # Caught up, it flows again: the next event is written at once.
+    # The transport resumed it to flush the queue: caught up, the next event goes out at once.
     [after] = source.take(1)
-    await wait_for(lambda: subscriber._live)
     subscriber.offer(after)
     assert subscriber.queued == 0
     await wire.peer.read_until(lambda: last_event(wire.peer).id == after.id)
-    await finish(task)
 
 
 async def test_drop_newest_keeps_the_oldest_and_reports_the_count_after_them(
@@ -285,18 +328,18 @@ async def test_drop_newest_keeps_the_oldest_and_reports_the_count_after_them(
 ) -> None:
     wire = await connect()
     stats = Stats()
-    subscriber = new_subscriber(Overflow.DROP_NEWEST, max_events=8, stats=stats)
-    task = await start(subscriber, wire)
+    subscriber = new_subscriber(wire, Overflow.DROP_NEWEST, max_events=8, stats=stats)
+    take_over(subscriber, wire)
     source = Numbered()
-    written = await stall(subscriber, source)
+    written = stall(subscriber, wire, source)
     overflowing = source.take(24)
     for event in overflowing:
         subscriber.offer(event)
 
     await wire.peer.read_until(lambda: last_event(wire.peer).event == DROPPED_EVENT)
     [after] = source.take(1)
-    await wait_for(lambda: subscriber._live)
     subscriber.offer(after)
+    assert subscriber.queued == 0
     await wire.peer.read_until(lambda: last_event(wire.peer).id == after.id)
     assert received(wire.peer.frames) == [
         *ids(written),
@@ -305,7 +348,6 @@ async def test_drop_newest_keeps_the_oldest_and_reports_the_count_after_them(
         after.id,
     ]
     assert subscriber.dropped == stats.dropped == 16
-    await finish(task)
 
 
 async def test_disconnect_policy_cuts_the_connection_on_the_first_overflow(
@@ -313,10 +355,10 @@ async def test_disconnect_policy_cuts_the_connection_on_the_first_overflow(
 ) -> None:
     wire = await connect()
     stats = Stats()
-    subscriber = new_subscriber(Overflow.DISCONNECT, max_events=8, stats=stats)
-    task = await start(subscriber, wire)
+    subscriber = new_subscriber(wire, Overflow.DISCONNECT, max_events=8, stats=stats)
+    take_over(subscriber, wire)
     source = Numbered()
-    await stall(subscriber, source)
+    stall(subscriber, wire, source)
     for event in source.take(8):
         subscriber.offer(event)
     assert subscriber.close_reason is None
@@ -326,50 +368,178 @@ async def test_disconnect_policy_cuts_the_connection_on_the_first_overflow(
     assert subscriber.close_reason is CloseReason.OVERFLOW
     assert wire.transport.is_closing()
     assert subscriber.queued == 0
-    with contextlib.suppress(ConnectionError):
-        assert await asyncio.wait_for(task, 10) is CloseReason.OVERFLOW
+    await wait_for(lambda: wire.forgotten == [subscriber])
+    assert subscriber.close_reason is CloseReason.OVERFLOW, "losing the connection keeps why"
     dropped = subscriber.dropped
     assert stats.dropped == dropped == queued + 1, "the discarded queue counts as dropped"
     for event in source.take(5):  # a closed subscriber ignores what it is offered
         subscriber.offer(event)
     assert (subscriber.queued, subscriber.dropped, stats.dropped) == (0, dropped, dropped)
     await wire.peer.read_to_end()
+    assert not wire.peer.body.complete, "cut, not ended: the client must resume with its id"
     assert overflowing.id not in received(wire.peer.frames)
 
 
+# --- the connection's end ---------------------------------------------------------------
+
+
 async def test_shutdown_close_flushes_what_is_queued_then_ends(connect: WireFactory) -> None:
-    """Unlike an overflow, a shutdown lets a reading client have everything queued."""
+    """Unlike an overflow, a shutdown lets a reading client have everything queued, then
+    the end of the chunked body, then the end of the connection."""
     wire = await connect()
-    subscriber = new_subscriber(max_events=100)
-    subscriber.attach(wire.transport, chunked=True)
-    events = Numbered(pad=10).take(3)
-    for event in events:  # not running yet, so these queue
+    stats = Stats()
+    subscriber = new_subscriber(wire, max_events=100, stats=stats)
+    take_over(subscriber, wire)
+    source = Numbered()
+    written = stall(subscriber, wire, source)
+    queued = source.take(3)
+    for event in queued:
         subscriber.offer(event)
     assert subscriber.queued == 3
     subscriber.close(CloseReason.SHUTDOWN)
+    assert subscriber.queued == 0
+    assert wire.transport.is_closing()
+    subscriber.offer(source.take(1)[0])
+    assert subscriber.queued == 0
+    await wire.peer.read_to_end()
+    assert received(wire.peer.frames) == ids([*written, *queued])
+    assert wire.peer.body.complete
+    assert not wire.peer.reset
+    await wait_for(lambda: wire.forgotten == [subscriber])
+    assert subscriber.close_reason is CloseReason.SHUTDOWN
+    assert stats.delivered == len(written) + 3
+
+
+async def test_close_before_the_take_over_is_carried_out_by_it(connect: WireFactory) -> None:
+    """Before the take-over the request's task owns the connection, so ``close`` only
+    records why; taking over a closed subscriber flushes its queue and ends the stream."""
+    wire = await connect()
+    subscriber = new_subscriber(wire, max_events=100)
+    subscriber.attach(wire.transport, chunked=True)
+    events = Numbered(pad=10).take(3)
+    for event in events:  # not taken over yet, so these queue
+        subscriber.offer(event)
+    assert subscriber.queued == 3
+    subscriber.close(CloseReason.SHUTDOWN)
+    assert not wire.transport.is_closing()
     subscriber.offer(Numbered(pad=10).take(1)[0])
     assert subscriber.queued == 3
-    assert await asyncio.wait_for(subscriber.run(wire.drain), 10) is CloseReason.SHUTDOWN
-    await wire.peer.read_until(lambda: len(wire.peer.events()) == 3)
+    subscriber.take_over()
+    assert wire.transport.is_closing()
+    await wire.peer.read_to_end()
     assert received(wire.peer.frames) == ids(events)
+    assert wire.peer.body.complete
+    await wait_for(lambda: wire.forgotten == [subscriber])
+    assert subscriber.close_reason is CloseReason.SHUTDOWN
+
+
+@pytest.mark.parametrize("how", ["fin", "reset"])
+async def test_client_that_leaves_is_forgotten_with_reason_client(
+    connect: WireFactory, how: str
+) -> None:
+    """Nothing need be written for the subscriber to notice: the transport tells it."""
+    wire = await connect()
+    subscriber = new_subscriber(wire, max_events=100)
+    take_over(subscriber, wire)
+    source = Numbered()
+    if how == "reset":
+        stall(subscriber, wire, source)
+        subscriber.offer(source.take(1)[0])
+        assert subscriber.queued == 1
+        wire.peer.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_ZERO)
+    wire.peer.close()
+    await wait_for(lambda: wire.forgotten == [subscriber])
+    assert subscriber.close_reason is CloseReason.CLIENT
+    assert subscriber.queued == 0, "its queue is let go"
+    assert queued_bytes(subscriber) == 0
+    subscriber.offer(source.take(1)[0])
+    subscriber.heartbeat()
+    assert subscriber.queued == 0
+
+
+async def test_hub_shut_down_ends_readers_cleanly_and_cuts_a_stuck_stream(
+    connect: WireFactory,
+) -> None:
+    """Every stream is ended; one whose client reads nothing cannot take its end, so it is
+    cut once the budget is spent and the shutdown still finishes."""
+    stats = Stats()
+    hub = Hub(stats)
+    source = Numbered()
+    reader_wire, stuck_wire = await connect(), await connect()
+    reader = new_subscriber(reader_wire, max_events=100, stats=stats, hub=hub)
+    stuck = new_subscriber(stuck_wire, max_events=100, stats=stats, topic="stuck", hub=hub)
+    for subscriber, wire in ((reader, reader_wire), (stuck, stuck_wire)):
+        hub.subscribe(subscriber)
+        take_over(subscriber, wire)
+    while stuck_wire.buffered() <= HIGH_WATER:
+        hub.fan_out(source.take(1, topic="stuck"))
+    hub.fan_out(source.take(2, topic="stuck"))
+    assert stuck.queued == 2
+    for_reader = source.take(2)
+    hub.fan_out(for_reader)
+
+    await asyncio.wait_for(hub.shut_down(1.0), 30)
+    await wait_for(lambda: hub.connection_count == 0)
+    assert stats.disconnects == {CloseReason.SHUTDOWN: 2}
+    await reader_wire.peer.read_to_end()
+    assert received(reader_wire.peer.frames) == ids(for_reader)
+    assert reader_wire.peer.body.complete
+    assert not reader_wire.peer.reset
+    await stuck_wire.peer.read_to_end()
+    assert not stuck_wire.peer.body.complete, "cut: its end never got out"
 
 
 async def test_heartbeat_is_written_only_while_the_stream_flows(connect: WireFactory) -> None:
     wire = await connect()
-    subscriber = new_subscriber()
+    subscriber = new_subscriber(wire)
     subscriber.heartbeat()  # not attached: nothing to write to
     subscriber.attach(wire.transport, chunked=True)
-    subscriber.heartbeat()  # attached but not yet serving: stays silent
-    assert wire.buffered() == 0
-    task = await start(subscriber, wire)
+    subscriber.heartbeat()  # attached but not taken over: the request's task owns the socket
+    take_over(subscriber, wire)
     subscriber.heartbeat()
-    await wire.peer.read_until(lambda: len(wire.peer.frames) == 1)
-    assert bytes(wire.peer.body.data) == b":\n\n"
-    await stall(subscriber, Numbered())
+    source = Numbered(pad=10)
+    [event] = source.take(1)
+    subscriber.offer(event)
+    await wire.peer.read_until(lambda: last_event(wire.peer).id == event.id)
+    assert bytes(wire.peer.body.data) == b":\n\n" + event.frame, "exactly one heartbeat"
+    stall(subscriber, wire, source)
     buffered = wire.buffered()
     subscriber.heartbeat()  # backed up: a comment would only add to the backlog
     assert wire.buffered() == buffered
-    await finish(task)
+
+
+async def test_take_over_of_a_backed_up_transport_queues_until_it_drains(
+    connect: WireFactory,
+) -> None:
+    """Flow control passes with the connection: taken over while the transport is past
+    its high-water mark, the subscriber queues, and the transport's resume (now its own,
+    no longer the request side's) flushes the queue and lets it write directly again."""
+    wire = await connect()
+    subscriber = new_subscriber(wire, max_events=100)
+    subscriber.attach(wire.transport, chunked=True)
+    source = Numbered()
+    backlog: list[Event] = []  # written before the take-over, as a replay is
+    while not wire.request_side.paused:
+        assert len(backlog) < 10_000, "the socket never backed up"
+        [event] = source.take(1)
+        wire.transport.write(event.chunk)
+        backlog.append(event)
+    subscriber.take_over()
+    buffered = wire.buffered()
+    queued = source.take(3)
+    for event in queued:
+        subscriber.offer(event)
+    assert subscriber.queued == 3
+    assert wire.buffered() == buffered
+
+    await wire.peer.read_until(lambda: last_event(wire.peer).id == queued[-1].id)
+    assert subscriber.queued == 0
+    [after] = source.take(1)
+    subscriber.offer(after)
+    assert subscriber.queued == 0
+    await wire.peer.read_until(lambda: last_event(wire.peer).id == after.id)
+    assert received(wire.peer.frames) == ids([*backlog, *queued, after])
+    assert wire.request_side.paused, "the request side hears nothing after the take-over"
 
 
 # --- the replay seam --------------------------------------------------------------------
@@ -379,10 +549,10 @@ async def test_replay_drops_queued_live_events_it_already_covered(connect: WireF
     """Events published between registration and the replay read are both queued and in
     the replay; ``through`` removes the queued copies. Later ones stay queued."""
     wire = await connect()
-    hub = Hub()
+    hub = Hub(Stats())
     source = Numbered(pad=10)
     seen = source.take(3)
-    subscriber = new_subscriber(max_events=100)
+    subscriber = new_subscriber(wire, max_events=100)
     hub.subscribe(subscriber)
     subscriber.attach(wire.transport, chunked=True)
     racing = source.take(2)
@@ -395,23 +565,23 @@ async def test_replay_drops_queued_live_events_it_already_covered(connect: WireF
     await subscriber.send_replay(replay, seen[0].id, wire.drain)
     assert subscriber.queued == 2
     assert queued_bytes(subscriber) == sum(len(event.chunk) for event in later)
-    task = asyncio.create_task(subscriber.run(wire.drain))
-    await wait_for(lambda: subscriber._live)
+    subscriber.take_over()
+    assert subscriber.queued == 0
     live = source.take(1)
     hub.fan_out(live)
+    assert subscriber.queued == 0
     await wire.peer.read_until(lambda: len(wire.peer.events()) == 7)
     assert received(wire.peer.frames) == ids([*seen[1:], *racing, *later, *live])
-    await finish(task)
 
 
 async def test_missed_replay_starts_with_a_notice_and_skips_covered_events(
     connect: WireFactory,
 ) -> None:
     wire = await connect()
-    hub = Hub()
+    hub = Hub(Stats())
     source = Numbered(pad=10, log=EventLog(3, 3600))
     source.take(5)
-    subscriber = new_subscriber(max_events=100)
+    subscriber = new_subscriber(wire, max_events=100)
     hub.subscribe(subscriber)
     subscriber.attach(wire.transport, chunked=True)
     racing = source.take(1)
@@ -432,10 +602,10 @@ async def test_events_published_while_a_replay_waits_for_the_socket_follow_it_ex
     """A replay larger than the socket's buffers makes ``send_replay`` wait mid-way; what
     is published meanwhile queues, and arrives after the replay with no gap or repeat."""
     wire = await connect()
-    hub = Hub()
+    hub = Hub(Stats())
     source = Numbered(pad=1000)
     history = source.take(300)
-    subscriber = new_subscriber(max_events=1000)
+    subscriber = new_subscriber(wire, max_events=1000)
     hub.subscribe(subscriber)
     subscriber.attach(wire.transport, chunked=True)
     replay = source.log.since(history[0].id, subscriber.selector)
@@ -454,14 +624,16 @@ async def test_events_published_while_a_replay_waits_for_the_socket_follow_it_ex
     reading = asyncio.create_task(
         wire.peer.read_until(lambda: len(wire.peer.events()) == 299 + 40 + 1)
     )
-    await asyncio.wait_for(replaying, 10)
-    task = asyncio.create_task(subscriber.run(wire.drain))
-    await wait_for(lambda: subscriber._live)
-    last = source.take(1)
-    hub.fan_out(last)
-    await asyncio.wait_for(reading, 10)
+    try:
+        await asyncio.wait_for(replaying, 10)
+        await wire.drain()  # as the handler does before it hands the connection over
+        subscriber.take_over()
+        last = source.take(1)
+        hub.fan_out(last)
+        await asyncio.wait_for(reading, 10)
+    finally:
+        await finish_reading(reading)
     assert received(wire.peer.frames) == ids([*history[1:], *published_meanwhile, *last])
-    await finish(task)
 
 
 # --- through the app: stuck readers among readers ---------------------------------------
@@ -520,7 +692,8 @@ async def overflow_then_resume(
         marker: list[str] = []
         reading = asyncio.create_task(stream.read_until(lambda: last_event(stream).id in marker))
         try:
-            await wait_for(lambda: subscriber.queued == 0 and subscriber._live)
+            # An empty queue means the transport resumed the subscriber and it flushed.
+            await wait_for(lambda: subscriber.queued == 0)
             published += await publish_batch(
                 client, broker.url, "slow", len(published) + 1, 1, "marker"
             )

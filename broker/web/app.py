@@ -19,7 +19,6 @@ from broker.config import Config
 from broker.event import EventLimits
 from broker.hub import Hub
 from broker.metrics import Metrics, Stats
-from broker.subscriber import CloseReason
 from broker.web import cors, health, publish, stream
 from broker.web.errors import error_middleware
 from broker.web.state import STATE, BrokerState
@@ -27,8 +26,8 @@ from broker.web.state import STATE, BrokerState
 
 def create_app(config: Config, backend: Backend | None = None) -> web.Application:
     """Build the application; ``backend`` defaults to the in-memory one."""
-    hub = Hub()
     stats = Stats()
+    hub = Hub(stats)
     if backend is None:
         backend = MemoryBackend(config.history_size, config.history_ttl)
     metrics = Metrics(stats, lambda: hub.connection_count, backend.history_size)
@@ -67,5 +66,10 @@ async def _tick(state: BrokerState) -> None:
 
 
 async def _end_streams(app: web.Application) -> None:
-    """End every stream cleanly so each EventSource reconnects, to another node if any."""
-    app[STATE].hub.close_all(CloseReason.SHUTDOWN)
+    """End every stream cleanly so each EventSource reconnects, to another node if any.
+
+    Streams are not aiohttp's connections any more (see ``Subscriber.take_over``), so
+    aiohttp's own graceful shutdown does not see them: half the budget is theirs.
+    """
+    state = app[STATE]
+    await state.hub.shut_down(state.config.shutdown_timeout / 2)
