@@ -14,6 +14,7 @@ import enum
 import ipaddress
 import os
 import re
+import urllib.parse
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -49,6 +50,9 @@ class Config:
     cors_origins: tuple[str, ...] = ()
     log_level: str = "info"
     shutdown_timeout: float = 10.0
+    # Not in the repr: the URL may carry a password.
+    redis_url: str | None = dataclasses.field(default=None, repr=False)
+    redis_prefix: str = "sse"
 
 
 class ConfigError(ValueError):
@@ -150,6 +154,62 @@ def _origin(text: str) -> str:
     if not re.fullmatch(r"https?://[^/\s?#]+", value):
         raise ValueError("expected '*' or an origin such as https://app.example.com")
     return value
+
+
+REDIS_SCHEMES = ("redis", "rediss", "unix")
+# With Redis, the stream carries live events between nodes as well as history, so an entry
+# must outlive the read of every node's tail; fewer entries would turn ordinary bursts into
+# gaps (which the nodes would report as ``broker.missed``).
+REDIS_MIN_HISTORY = 1000
+_REDIS_PREFIX = re.compile(r"[A-Za-z0-9_]{1,64}")
+
+
+def _redis_url(text: str) -> str | None:
+    """A ``redis://``, ``rediss://`` or ``unix://`` URL; empty means no Redis (in-memory)."""
+    value = text.strip()
+    if not value:
+        return None
+    parts = urllib.parse.urlsplit(value)
+    scheme = parts.scheme.lower()
+    if scheme not in REDIS_SCHEMES:
+        raise ValueError(
+            "expected a redis://host[:port][/db], rediss://host[:port][/db] "
+            "or unix:///path/to/socket URL"
+        )
+    if scheme == "unix":
+        if not parts.path:
+            raise ValueError("a unix:// URL needs the socket's path, as in unix:///run/redis.sock")
+        return value
+    if not parts.hostname:
+        raise ValueError(f"a {scheme}:// URL needs a host, as in {scheme}://127.0.0.1:6379/0")
+    try:
+        parts.port  # noqa: B018 (urllib checks the port only when it is read)
+    except ValueError:
+        raise ValueError("the port must be a number from 0 to 65535") from None
+    database = parts.path.strip("/")
+    if database and not database.isdigit():
+        raise ValueError("the path of a redis:// URL is the database number, as in /0")
+    return value
+
+
+def _redis_prefix(text: str) -> str:
+    value = text.strip()
+    if not _REDIS_PREFIX.fullmatch(value):
+        raise ValueError("expected 1 to 64 letters, digits or underscores")
+    return value
+
+
+def redacted_url(url: str) -> str:
+    """The URL without its password, for logs."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    netloc = f"{user}:***@{host}" + (f":{parts.port}" if parts.port is not None else "")
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -257,6 +317,21 @@ _OPTIONS: tuple[_Option, ...] = (
         "seconds allowed for a graceful stop on SIGTERM/SIGINT",
         "SECONDS",
     ),
+    _Option(
+        "--redis-url",
+        "redis_url",
+        _redis_url,
+        "Redis to share the event log with other nodes (redis://, rediss:// or unix://); "
+        "without it the log is in memory",
+        "URL",
+    ),
+    _Option(
+        "--redis-prefix",
+        "redis_prefix",
+        _redis_prefix,
+        "namespace of the broker's Redis keys (letters, digits, underscores)",
+        "PREFIX",
+    ),
 )
 
 
@@ -265,7 +340,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     defaults = Config()
     for option in _OPTIONS:
         default = getattr(defaults, option.field)
-        if isinstance(default, tuple):
+        if isinstance(default, tuple) or default is None:
             shown = "none"
         elif isinstance(default, enum.Enum):
             shown = str(default.value)
@@ -307,6 +382,12 @@ def config_from_args(args: argparse.Namespace, environ: Mapping[str, str]) -> Co
                 raise ConfigError(f"{source}: {exc} (got {item!r})") from None
         values[option.field] = tuple(dict.fromkeys(parsed)) if option.repeatable else parsed[0]
     config = Config(**values)
+    if config.redis_url is not None and config.history_size < REDIS_MIN_HISTORY:
+        raise ConfigError(
+            f"--history-size ({config.history_size}{origins.get('history_size', '')}) must be "
+            f"at least {REDIS_MIN_HISTORY} with --redis-url: the Redis stream also carries "
+            "live events between nodes, and each node must read an entry before it is trimmed"
+        )
     if config.max_event_bytes > config.queue_bytes:
         raise ConfigError(
             f"--max-event-bytes ({config.max_event_bytes}{origins.get('max_event_bytes', '')}) "

@@ -60,8 +60,10 @@ class Unavailable(ClientError):
     status = 503
     code = "unavailable"
 
-    def __init__(self, detail: str, *, retry_after: int = 1) -> None:
-        super().__init__(detail, headers={"Retry-After": str(retry_after)})
+    def __init__(
+        self, detail: str, *, retry_after: int = 1, extra: dict[str, Any] | None = None
+    ) -> None:
+        super().__init__(detail, headers={"Retry-After": str(retry_after)}, extra=extra)
 
 
 class TooManyConnections(Unavailable):

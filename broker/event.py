@@ -3,6 +3,10 @@
 A draft carries everything but its id, already encoded (``body``), because the id is
 only known once the log accepts it. The logged ``Event`` holds the final bytes in both
 wire forms, shared by every subscriber and by the history: nothing is re-encoded later.
+
+A draft also keeps its checked fields as sent (``data``, ``event``, ``retry``), so a
+backend that logs events outside this process (Redis) can store them raw; the node that
+reads them back rebuilds the draft with ``encode_draft``, without validating again.
 """
 
 from __future__ import annotations
@@ -27,6 +31,20 @@ ID_ALLOWANCE = 64
 class EventDraft:
     topics: tuple[str, ...]
     body: bytes
+    data: str = ""
+    event: str | None = None
+    retry: int | None = None
+
+
+def encode_draft(
+    topics: tuple[str, ...], data: str, event: str | None = None, retry: int | None = None
+) -> EventDraft:
+    """Encode fields that were already checked (by ``make_draft``, here or on another node).
+
+    Raises ``sse.EncodingError`` or ``UnicodeEncodeError`` if they cannot be encoded after
+    all, which only fields that bypassed ``make_draft`` can cause.
+    """
+    return EventDraft(topics, sse.encode_body(data, event, retry), data, event, retry)
 
 
 @dataclasses.dataclass(frozen=True, slots=True, eq=False)
@@ -94,16 +112,16 @@ def make_draft(
     ):
         raise InvalidEvent(f"'retry' must be an integer from 0 to {MAX_RETRY_MS}")
     try:
-        body = sse.encode_body(data, event, retry)
+        draft = encode_draft(topic_list, data, event, retry)
     except sse.EncodingError as exc:
         raise InvalidEvent(str(exc)) from None
     except UnicodeEncodeError:
         raise InvalidEvent("'data' is not valid Unicode (lone surrogate)") from None
-    if len(body) + ID_ALLOWANCE > limits.max_event_bytes:
+    if len(draft.body) + ID_ALLOWANCE > limits.max_event_bytes:
         raise PayloadTooLarge(
-            f"encoded event is {len(body)} bytes; the limit is {limits.max_event_bytes}"
+            f"encoded event is {len(draft.body)} bytes; the limit is {limits.max_event_bytes}"
         )
-    return EventDraft(topic_list, body)
+    return draft
 
 
 def _topics(topics: object, default_topics: Sequence[str], max_topics: int) -> tuple[str, ...]:

@@ -81,6 +81,12 @@ class Hub:
                         subscriber.offer_run(run)
             start = end
 
+    def notify_missed(self, last_id: str, *, new_log: bool = False) -> None:
+        """Send every stream a ``broker.missed`` notice: events after ``last_id`` are gone
+        (``new_log``: the log itself was replaced, see ``Subscriber.notify_missed``)."""
+        for subscriber in self._subscribers:
+            subscriber.notify_missed(last_id, new_log=new_log)
+
     def heartbeat(self) -> None:
         for subscriber in self._subscribers:
             subscriber.heartbeat()

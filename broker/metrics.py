@@ -30,24 +30,64 @@ class Stats:
     dropped: int = 0
     replayed: int = 0
     disconnects: Counter[str] = dataclasses.field(default_factory=Counter)
+    # Shared-log backends (Redis): reconnections after losing it, and times events this
+    # node had not delivered were found gone, by cause ("reset" or "trimmed").
+    backend_reconnects: int = 0
+    stream_gaps: Counter[str] = dataclasses.field(default_factory=Counter)
+
+
+GAP_CAUSES = ("reset", "trimmed")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Gauges:
+    """Current values, read at scrape time."""
+
+    connections: Callable[[], int]
+    history: Callable[[], int]
+    backend_up: Callable[[], bool] = lambda: True
+    stream_lag: Callable[[], float] = lambda: 0.0
 
 
 class _StatsCollector(Collector):
-    def __init__(
-        self, stats: Stats, connections: Callable[[], int], history: Callable[[], int]
-    ) -> None:
+    def __init__(self, stats: Stats, gauges: Gauges) -> None:
         self._stats = stats
-        self._connections = connections
-        self._history = history
+        self._gauges = gauges
 
     def collect(self) -> Iterator[Metric]:
         stats = self._stats
+        gauges = self._gauges
         yield GaugeMetricFamily(
-            f"{PREFIX}_connections", "Open event streams.", value=self._connections()
+            f"{PREFIX}_connections", "Open event streams.", value=gauges.connections()
         )
         yield GaugeMetricFamily(
-            f"{PREFIX}_history_events", "Events retained for replay.", value=self._history()
+            f"{PREFIX}_history_events", "Events retained for replay.", value=gauges.history()
         )
+        yield GaugeMetricFamily(
+            f"{PREFIX}_backend_up",
+            "1 while the event backend can publish and replay, else 0.",
+            value=1 if gauges.backend_up() else 0,
+        )
+        yield GaugeMetricFamily(
+            f"{PREFIX}_stream_lag_seconds",
+            "How far this node's fan-out is behind the shared log's head (0 when caught up).",
+            value=gauges.stream_lag(),
+        )
+        yield CounterMetricFamily(
+            f"{PREFIX}_backend_reconnects",
+            "Reconnections to the shared log after losing it.",
+            value=stats.backend_reconnects,
+        )
+        gaps = CounterMetricFamily(
+            f"{PREFIX}_stream_gaps",
+            "Times events this node had not delivered were gone from the shared log "
+            "(reset: Redis restarted empty; trimmed: retention passed this node by); "
+            "connected streams were sent broker.missed.",
+            labels=["cause"],
+        )
+        for cause in GAP_CAUSES:
+            gaps.add_metric([cause], stats.stream_gaps[cause])
+        yield gaps
         for name, help_text, value in (
             ("events_published", "Events accepted from publishers.", stats.published),
             ("events_delivered", "Events written to subscriber connections.", stats.delivered),
@@ -64,11 +104,9 @@ class _StatsCollector(Collector):
 
 
 class Metrics:
-    def __init__(
-        self, stats: Stats, connections: Callable[[], int], history: Callable[[], int]
-    ) -> None:
+    def __init__(self, stats: Stats, gauges: Gauges) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
-        self.registry.register(_StatsCollector(stats, connections, history))
+        self.registry.register(_StatsCollector(stats, gauges))
         self.publish_duration = Histogram(
             f"{PREFIX}_publish_duration_seconds",
             "Time to log and fan out one publish request (or one read of an NDJSON stream).",

@@ -84,8 +84,10 @@ class Subscriber(asyncio.Protocol):
         "_overflow",
         "_owned",
         "_paused",
+        "_pending_missed",
         "_queue",
         "_queued_bytes",
+        "_skip_through",
         "_stats",
         "_transport",
         "_unreported_drops",
@@ -116,6 +118,9 @@ class Subscriber(asyncio.Protocol):
         self._queue: deque[Event] | None = None
         self._queued_bytes = 0
         self._unreported_drops = 0
+        # Events at or below this position were covered by a replay (``skip_through``).
+        self._skip_through = 0
+        self._pending_missed: bytes | None = None
         self._transport: asyncio.Transport | None = None
         self._chunked = True
         self._live = False
@@ -165,7 +170,14 @@ class Subscriber(asyncio.Protocol):
         self.skip_through(replay.through)
 
     def skip_through(self, position: int) -> None:
-        """Forget queued live events a replay already covered (``Replay.through``)."""
+        """Forget live events a replay already covered (``Replay.through``): those queued
+        now, and those offered later.
+
+        The in-memory log fans out as it appends, so every covered event is already queued
+        here. A backend whose fan-out trails its log (the Redis tail) may offer covered
+        events after this call; ``offer`` drops those too.
+        """
+        self._skip_through = position
         queue = self._queue
         while queue and queue[0].seq <= position:
             self._queued_bytes -= len(queue.popleft().chunk)
@@ -222,6 +234,8 @@ class Subscriber(asyncio.Protocol):
 
     def offer(self, event: Event) -> None:
         """Hand one event to this subscriber; never blocks, never raises."""
+        if event.seq <= self._skip_through:
+            return
         if self._live:
             self._send(event.chunk if self._chunked else event.frame, 1)
         elif self.close_reason is None:
@@ -229,6 +243,12 @@ class Subscriber(asyncio.Protocol):
 
     def offer_run(self, run: Run) -> None:
         """Like ``offer`` for each event of ``run``, with one write while the socket keeps up."""
+        events = run.events
+        if events[0].seq <= self._skip_through:
+            # A run straddling a replay's end: rare, so the covered part is skipped one by one.
+            for event in events:
+                self.offer(event)
+            return
         if self._live:
             self._send(run.wire(self._chunked), len(run.events))
         elif self.close_reason is None:
@@ -277,9 +297,13 @@ class Subscriber(asyncio.Protocol):
         """Write the queue, with the drop notice where the gap is, as one write."""
         queue = self._queue
         report = self._unreported_drops
-        if not queue and not report:
+        missed = self._pending_missed
+        if not queue and not report and missed is None:
             return
         parts: list[bytes] = []
+        if missed is not None:
+            parts.append(self._wire(missed))
+            self._pending_missed = None
         if report and self._overflow is not Overflow.DROP_NEWEST:
             parts.append(self._wire(notice(DROPPED_EVENT, {"dropped": report})))
         if queue:
@@ -292,6 +316,23 @@ class Subscriber(asyncio.Protocol):
             parts.append(self._wire(notice(DROPPED_EVENT, {"dropped": report})))
         self._unreported_drops = 0
         self._write(b"".join(parts))
+
+    def notify_missed(self, last_id: str, *, new_log: bool) -> None:
+        """Tell the client that events after ``last_id`` may be lost for good.
+
+        For a shared log that lost events before this node read them: the notice is written
+        now if the stream flows, else ahead of whatever is queued. A ``new_log`` (Redis came
+        back empty) starts positions over, so a replay's ``skip_through`` no longer applies.
+        """
+        if self.close_reason is not None:
+            return
+        if new_log:
+            self._skip_through = 0
+        frame = notice(MISSED_EVENT, {"lastEventId": last_id})
+        if self._live:
+            self._send(self._wire(frame), 0)
+        else:
+            self._pending_missed = frame
 
     def heartbeat(self) -> None:
         """Write a keep-alive comment if the stream is flowing freely."""

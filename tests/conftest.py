@@ -9,18 +9,24 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+import redis
 from aiohttp.test_utils import TestServer
 from httpx_sse import EventSource, ServerSentEvent
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from broker.config import load_config
 from broker.web import STATE, BrokerState, create_app
@@ -170,3 +176,118 @@ async def events_of(source: EventSource) -> AsyncIterator[ServerSentEvent]:
         if event.retry is not None and not event.data:
             continue
         yield event
+
+
+# --- Redis: a real server, private to the test run unless REDIS_URL names one ------------
+
+
+@dataclasses.dataclass
+class RedisServer:
+    """A private ``redis-server`` on 127.0.0.1 that a test can stop and start again on the
+    same port: with its data (``SHUTDOWN SAVE``, as a Redis with persistence comes back)
+    or without (``SHUTDOWN NOSAVE``, as one without persistence does)."""
+
+    port: int
+    directory: Path
+    socket_path: Path | None = None  # also listen on this Unix socket
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def client(self) -> redis.Redis:
+        """A plain synchronous client that fails at once instead of retrying."""
+        return redis.Redis(
+            host="127.0.0.1",
+            port=self.port,
+            socket_timeout=5,
+            protocol=2,
+            retry=Retry(NoBackoff(), 0),
+        )
+
+    def start(self) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            pytest.fail(
+                "redis-server is not installed (apt-get install redis-server) "
+                "and REDIS_URL is not set"
+            )
+        self.process = subprocess.Popen(
+            [
+                binary,
+                *("--port", str(self.port), "--bind", "127.0.0.1"),
+                *("--save", "", "--appendonly", "no"),
+                *("--dir", str(self.directory), "--dbfilename", "dump.rdb"),
+                *(("--unixsocket", str(self.socket_path)) if self.socket_path else ()),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 10
+        while True:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"redis-server exited with status {self.process.returncode}")
+            try:
+                with self.client() as client:
+                    if client.ping():
+                        return
+            except redis.ConnectionError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.02)
+
+    def stop(self, *, keep_data: bool) -> None:
+        """Shut the server down; ``keep_data`` saves the dataset for the next ``start``."""
+        process = self.process
+        assert process is not None
+        command = b"SHUTDOWN SAVE\r\n" if keep_data else b"SHUTDOWN NOSAVE\r\n"
+        with socket.create_connection(("127.0.0.1", self.port), timeout=10) as sock:
+            sock.sendall(command)
+            while sock.recv(4096):  # the server closes the connection as it exits
+                pass
+        process.wait(timeout=10)
+        self.process = None
+        if not keep_data:
+            (self.directory / "dump.rdb").unlink(missing_ok=True)
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+        self.process = None
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A Redis shared by the session's tests (each uses its own key prefix)."""
+    external = os.environ.get("REDIS_URL")
+    if external:
+        yield external
+        return
+    server = RedisServer(free_port(), tmp_path_factory.mktemp("redis"))
+    server.start()
+    try:
+        yield server.url
+    finally:
+        server.kill()
+
+
+@pytest.fixture
+def redis_prefix(redis_url: str) -> Iterator[str]:
+    """A key prefix of this test's own; its keys are deleted afterwards."""
+    prefix = f"test_{uuid.uuid4().hex[:12]}"
+    yield prefix
+    with redis.Redis.from_url(redis_url) as client:
+        keys = list(client.scan_iter(match=f"{prefix}:*"))
+        if keys:
+            client.delete(*keys)
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    """A Redis of this test's own, for stopping and restarting it."""
+    server = RedisServer(free_port(), tmp_path)
+    server.start()
+    yield server
+    server.kill()

@@ -50,6 +50,8 @@ SERVE_FLAGS = {
     "--cors-origin": "BROKER_CORS_ORIGIN",
     "--log-level": "BROKER_LOG_LEVEL",
     "--shutdown-timeout": "BROKER_SHUTDOWN_TIMEOUT",
+    "--redis-url": "BROKER_REDIS_URL",
+    "--redis-prefix": "BROKER_REDIS_PREFIX",
 }
 
 

@@ -66,6 +66,14 @@ OPTIONS = (
     ),
     Option("--log-level", "log_level", "info", ("debug", "debug"), "error"),
     Option("--shutdown-timeout", "shutdown_timeout", 10.0, ("3", 3.0), "0"),
+    Option(
+        "--redis-url",
+        "redis_url",
+        None,
+        ("redis://127.0.0.1:6379/0", "redis://127.0.0.1:6379/0"),
+        "unix:///run/redis/redis.sock",
+    ),
+    Option("--redis-prefix", "redis_prefix", "sse", ("app_events", "app_events"), "other"),
 )
 BY_FLAG = {option.flag: option for option in OPTIONS}
 
@@ -212,6 +220,15 @@ INVALID = [
     ("--log-level", "loud"),
     ("--shutdown-timeout", "-1"),
     ("--shutdown-timeout", "inf"),
+    ("--redis-url", "localhost:6379"),
+    ("--redis-url", "http://127.0.0.1:6379"),
+    ("--redis-url", "redis://"),
+    ("--redis-url", "redis://127.0.0.1:99999"),
+    ("--redis-url", "redis://127.0.0.1:6379/zero"),
+    ("--redis-url", "unix://"),
+    ("--redis-prefix", ""),
+    ("--redis-prefix", "app:events"),
+    ("--redis-prefix", "x" * 65),
 ]
 
 
@@ -295,3 +312,38 @@ def test_a_flag_fixes_a_bad_variable() -> None:
 def test_choices_are_case_insensitive() -> None:
     config = load_config(["--overflow", "Drop-Newest", "--log-level", "WARNING"], environ={})
     assert (config.overflow, config.log_level) == (Overflow.DROP_NEWEST, "warning")
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis://127.0.0.1",
+        "redis://:secret@redis.internal:6380/2",
+        "rediss://user:secret@redis.example.com:6380",
+        "unix:///run/redis/redis.sock?db=1",
+    ],
+)
+def test_redis_url_accepts_tcp_tls_and_unix_socket_forms(url: str) -> None:
+    assert load_config(["--redis-url", url], environ={}).redis_url == url
+
+
+def test_an_empty_redis_url_variable_means_the_in_memory_backend() -> None:
+    """Compose files often set ``BROKER_REDIS_URL: ""`` to turn Redis off."""
+    assert load_config([], environ={"BROKER_REDIS_URL": ""}).redis_url is None
+
+
+def test_the_redis_password_stays_out_of_the_config_repr() -> None:
+    config = load_config(["--redis-url", "redis://:hunter2@127.0.0.1:6379"], environ={})
+    assert "hunter2" not in repr(config)
+
+
+def test_redis_needs_a_history_large_enough_to_carry_live_events() -> None:
+    """Regression: with --history-size 0, XADD's MAXLEN trimmed every entry as it was
+    added, so no node ever delivered anything."""
+    with pytest.raises(ConfigError) as refused:
+        load_config(["--redis-url", "redis://127.0.0.1", "--history-size", "0"], environ={})
+    assert "--history-size" in str(refused.value)
+    assert "1000" in str(refused.value)
+    config = load_config(["--redis-url", "redis://127.0.0.1", "--history-size", "1000"], environ={})
+    assert config.history_size == 1000
+    assert load_config(["--history-size", "0"], environ={}).history_size == 0

@@ -6,7 +6,7 @@ the order subscribers see is the log's order and a replay read is never torn.
 
 from __future__ import annotations
 
-from broker.event import Event, EventDraft
+from broker.event import EventDraft
 from broker.history import EventLog, Replay
 from broker.hub import Hub
 from broker.topics import Selector
@@ -23,11 +23,11 @@ class MemoryBackend:
     async def close(self) -> None:
         self._hub = None
 
-    async def publish(self, drafts: list[EventDraft]) -> list[Event]:
+    async def publish(self, drafts: list[EventDraft]) -> list[str]:
         events = self.log.append(drafts)
         if self._hub is not None:
             self._hub.fan_out(events)
-        return events
+        return [event.id for event in events]
 
     async def replay(self, last_id: str, selector: Selector) -> Replay:
         return self.log.since(last_id, selector)
@@ -38,5 +38,8 @@ class MemoryBackend:
     def history_size(self) -> int:
         return len(self.log)
 
-    def trim(self) -> None:
+    def lag_seconds(self) -> float:
+        return 0.0
+
+    async def trim(self) -> None:
         self.log.trim()

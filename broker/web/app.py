@@ -3,6 +3,9 @@
 One timer serves every connection: each ``--heartbeat`` seconds it writes a keep-alive
 comment to every flowing stream and trims expired history. Nothing runs per connection
 except the task aiohttp already gives each request.
+
+The backend is the in-memory one unless ``--redis-url`` names a Redis to share the log
+with other nodes.
 """
 
 from __future__ import annotations
@@ -15,22 +18,29 @@ from aiohttp import web
 
 from broker.backends import Backend
 from broker.backends.memory import MemoryBackend
+from broker.backends.redis import RedisBackend
 from broker.config import Config
 from broker.event import EventLimits
 from broker.hub import Hub
-from broker.metrics import Metrics, Stats
+from broker.metrics import Gauges, Metrics, Stats
 from broker.web import cors, health, publish, stream
 from broker.web.errors import error_middleware
 from broker.web.state import STATE, BrokerState
 
 
 def create_app(config: Config, backend: Backend | None = None) -> web.Application:
-    """Build the application; ``backend`` defaults to the in-memory one."""
+    """Build the application; ``backend`` defaults to the one ``config`` names."""
     stats = Stats()
     hub = Hub(stats)
     if backend is None:
-        backend = MemoryBackend(config.history_size, config.history_ttl)
-    metrics = Metrics(stats, lambda: hub.connection_count, backend.history_size)
+        backend = make_backend(config, stats)
+    gauges = Gauges(
+        connections=lambda: hub.connection_count,
+        history=backend.history_size,
+        backend_up=backend.ready,
+        stream_lag=backend.lag_seconds,
+    )
+    metrics = Metrics(stats, gauges)
     limits = EventLimits(config.max_topics, config.max_event_bytes)
     state = BrokerState(config, hub, backend, stats, metrics, limits)
 
@@ -45,6 +55,18 @@ def create_app(config: Config, backend: Backend | None = None) -> web.Applicatio
     app.cleanup_ctx.append(_lifecycle)
     app.on_shutdown.append(_end_streams)
     return app
+
+
+def make_backend(config: Config, stats: Stats) -> Backend:
+    if config.redis_url is not None:
+        return RedisBackend(
+            config.redis_url,
+            config.redis_prefix,
+            max_events=config.history_size,
+            ttl=config.history_ttl,
+            stats=stats,
+        )
+    return MemoryBackend(config.history_size, config.history_ttl)
 
 
 async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
@@ -62,7 +84,7 @@ async def _tick(state: BrokerState) -> None:
     while True:
         await asyncio.sleep(state.config.heartbeat)
         state.hub.heartbeat()
-        state.backend.trim()
+        await state.backend.trim()
 
 
 async def _end_streams(app: web.Application) -> None:

@@ -29,6 +29,7 @@ from broker.errors import (
     InvalidBody,
     InvalidEvent,
     PayloadTooLarge,
+    Unavailable,
     UnsupportedMediaType,
 )
 from broker.event import EventDraft, EventLimits, make_draft
@@ -71,10 +72,10 @@ async def handle_publish(request: web.Request) -> web.Response:
 
 async def _publish(state: BrokerState, drafts: list[EventDraft]) -> list[str]:
     started = time.perf_counter()
-    events = await state.backend.publish(drafts)
-    state.stats.published += len(events)
+    ids = await state.backend.publish(drafts)
+    state.stats.published += len(ids)
     state.metrics.publish_duration.observe(time.perf_counter() - started)
-    return [event.id for event in events]
+    return ids
 
 
 def _default_topics(request: web.Request, limits: EventLimits) -> tuple[str, ...]:
@@ -232,13 +233,27 @@ async def _publish_ndjson(
                     drafts.append(_ndjson_draft(line, state.limits, defaults))
         except (InvalidEvent, PayloadTooLarge) as exc:
             if drafts:
-                ids.extend(await _publish(state, drafts))
+                ids.extend(await _publish_read(state, drafts, ids))
             raise _at_line(exc, line_number, ids) from None
         if drafts:
-            ids.extend(await _publish(state, drafts))
+            ids.extend(await _publish_read(state, drafts, ids))
     if not ids:
         raise InvalidBody("the stream held no events")
     return web.json_response({"ids": ids})
+
+
+async def _publish_read(
+    state: BrokerState, drafts: list[EventDraft], published: list[str]
+) -> list[str]:
+    """Publish one read's lines; if the backend is down, say which earlier ones got in."""
+    try:
+        return await _publish(state, drafts)
+    except Unavailable as exc:
+        raise Unavailable(
+            f"{exc.detail}; the {len(published)} event(s) of earlier reads were published",
+            retry_after=int(exc.headers.get("Retry-After", "1")),
+            extra={"ids": published},
+        ) from None
 
 
 def _at_line(exc: InvalidEvent | PayloadTooLarge, line: int, ids: list[str]) -> ClientError:

@@ -16,7 +16,7 @@ from aiohttp import web
 from aiohttp.http import HttpVersion11
 
 from broker import sse
-from broker.errors import InvalidSubscription, TooManyConnections
+from broker.errors import InvalidSubscription, TooManyConnections, Unavailable
 from broker.subscriber import CloseReason, Subscriber
 from broker.topics import Selector, TopicError, validate_pattern
 from broker.web.state import STATE
@@ -102,6 +102,14 @@ async def handle_events(request: web.Request) -> web.StreamResponse:
     except ConnectionError:
         # The client left before its stream started: nothing to answer and no bug to log
         # (raised on, the error middleware would log it as one and answer 500).
+        state.hub.forget(subscriber)
+        return response
+    except Unavailable as exc:
+        # The history cannot be read now (Redis is down). The head is out, so no 503 is
+        # possible, and EventSource would not retry one anyway: end the stream cleanly,
+        # and the client comes back after ``retry`` ms with the same Last-Event-ID.
+        logger.warning("ending a resuming stream: %s", exc.detail)
+        subscriber.close(CloseReason.ERROR)
         state.hub.forget(subscriber)
         return response
     except Exception:

@@ -1,0 +1,583 @@
+"""The Redis backend: one ordered event log in a Redis Stream, shared by every node.
+
+Keys (``<prefix>`` is ``--redis-prefix``):
+
+* ``<prefix>:log``, a stream with one entry per event. Its fields, exactly:
+
+  - ``topics``: the event's topics joined by ``\\n`` (a topic cannot contain control
+    characters, so the join is unambiguous);
+  - ``data``: the data string;
+  - ``event``: the event type, absent when there is none;
+  - ``retry``: the client reconnection delay in milliseconds, in decimal, absent when
+    there is none.
+
+  Raw fields rather than SSE bytes, so that any Redis client can read the log, and write
+  it through the same checks (a later Redis Function); each node encodes an entry once,
+  when it reads it.
+* ``<prefix>:epoch``: a random token, set by the first node that reaches this Redis. A
+  node that finds another token after a reconnect knows Redis lost its data.
+
+The entry id is the event id, so ids are identical on every node, and a subscriber can
+resume on any node. Publishing appends (``MULTI``/``XADD … MAXLEN ~ history-size``/
+``EXEC``, so a batch is contiguous and atomic) and answers once Redis acknowledged; it does
+not fan out. One task per node tails the stream from the last id it delivered (``_tail``)
+and hands each batch to the hub: every node, the publishing one included, delivers in the
+stream's order. That task also owns the connection state: when Redis goes away it
+reconnects with backoff and resumes after the last id it delivered, and when events it had
+not read are gone (Redis came back empty, or trimming passed it by) it tells every stream
+``broker.missed``.
+
+Needs Redis 7.0 or later (``XINFO STREAM`` entries-added, ``SET … NX GET``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import re
+import time
+import uuid
+from typing import Any
+
+import redis.asyncio
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.typing import EncodableT, FieldT
+
+from broker.config import redacted_url
+from broker.errors import Unavailable
+from broker.event import Event, EventDraft, encode_draft
+from broker.history import Replay
+from broker.hub import Hub
+from broker.metrics import Stats
+from broker.topics import Selector
+
+logger = logging.getLogger(__name__)
+
+# Entries one tail read (XREAD COUNT) and one replay read (XRANGE COUNT) take at most.
+TAIL_BATCH = 1000
+REPLAY_BATCH = 1000
+# How long the tail's XREAD blocks before it reads again; bounds how late it notices a
+# Redis that hangs without closing the connection (plus COMMAND_TIMEOUT).
+TAIL_BLOCK_MS = 1000
+COMMAND_TIMEOUT = 5.0
+CONNECT_TIMEOUT = 2.0
+BACKOFF_FIRST = 0.05
+BACKOFF_MAX = 2.0
+RETRY_AFTER = 1
+
+_STREAM_ID = re.compile(r"([0-9]{1,20})-([0-9]{1,20})")  # ASCII digits only
+_MAX_ID_PART = 2**64 - 1
+_CONNECTION_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
+
+StreamId = tuple[int, int]
+Entry = tuple[bytes, dict[bytes, bytes]]
+
+
+def parse_stream_id(text: str) -> StreamId | None:
+    """``<ms>-<counter>`` as a pair of integers, or None if it is not a stream id."""
+    match = _STREAM_ID.fullmatch(text)
+    if match is None:
+        return None
+    ms, counter = int(match.group(1)), int(match.group(2))
+    if ms > _MAX_ID_PART or counter > _MAX_ID_PART:
+        return None
+    return ms, counter
+
+
+def stream_seq(stream_id: StreamId) -> int:
+    """The log position (``Event.seq``) of a stream id: ``ms << 64 | counter``.
+
+    Both halves of a stream id are unsigned 64-bit integers, and Redis orders ids by ``ms``
+    and then by ``counter``. Shifting by 64 bits keeps exactly that order for every valid
+    id (Python integers do not overflow), so ``Replay.through`` and ``skip_through``
+    compare these positions just as they compare the in-memory log's consecutive ones.
+    """
+    ms, counter = stream_id
+    return ms << 64 | counter
+
+
+def stored_fields(draft: EventDraft) -> dict[FieldT, EncodableT]:
+    """The stream entry for a draft; see the module docstring for the field names."""
+    fields: dict[FieldT, EncodableT] = {"topics": "\n".join(draft.topics), "data": draft.data}
+    if draft.event is not None:
+        fields["event"] = draft.event
+    if draft.retry is not None:
+        fields["retry"] = str(draft.retry)
+    return fields
+
+
+class MalformedEntry(ValueError):
+    """A stream entry that is not an event (written by something other than a broker)."""
+
+
+def entry_topics(fields: dict[bytes, bytes]) -> tuple[str, ...]:
+    raw = fields.get(b"topics")
+    if not raw:
+        raise MalformedEntry("it has no 'topics' field")
+    try:
+        return tuple(raw.decode("utf-8").split("\n"))
+    except UnicodeDecodeError:
+        raise MalformedEntry("its 'topics' field is not UTF-8") from None
+
+
+def entry_event(
+    entry_id: bytes, fields: dict[bytes, bytes], topics: tuple[str, ...], created: float
+) -> Event:
+    """Encode one stream entry as a logged event; its fields were checked when published."""
+    text_id = entry_id.decode("ascii")
+    position = parse_stream_id(text_id)
+    data = fields.get(b"data")
+    if position is None or data is None:
+        raise MalformedEntry("it has no 'data' field")
+    event_type = fields.get(b"event")
+    retry = fields.get(b"retry")
+    try:
+        draft = encode_draft(
+            topics,
+            data.decode("utf-8"),
+            None if event_type is None else event_type.decode("utf-8"),
+            None if retry is None else int(retry),
+        )
+    except ValueError as exc:  # bad UTF-8, a bad retry, a line break in the event type
+        raise MalformedEntry(str(exc)) from None
+    return Event.build(stream_seq(position), text_id, draft, created)
+
+
+def _no_such_key(result: object) -> bool:
+    return isinstance(result, ResponseError) and "no such key" in str(result).lower()
+
+
+class RedisBackend:
+    """The event log in ``<prefix>:log``, tailed by this node; see the module docstring."""
+
+    def __init__(self, url: str, prefix: str, *, max_events: int, ttl: float, stats: Stats) -> None:
+        self._url = redacted_url(url)
+        self._log_key = f"{prefix}:log"
+        self._epoch_key = f"{prefix}:epoch"
+        self._max_events = max_events
+        self._ttl = ttl
+        self._stats = stats
+        # No retries inside redis-py: a retried MULTI/EXEC whose reply was lost would
+        # append the batch twice. A failed publish is a 503 and the publisher retries; the
+        # tail has its own backoff.
+        self._redis = redis.asyncio.Redis.from_url(
+            url,
+            protocol=2,
+            retry=Retry(NoBackoff(), 0),
+            socket_timeout=COMMAND_TIMEOUT,
+            socket_connect_timeout=CONNECT_TIMEOUT,
+        )
+        self._tail_redis = redis.asyncio.Redis.from_url(
+            url,
+            protocol=2,
+            retry=Retry(NoBackoff(), 0),
+            socket_timeout=TAIL_BLOCK_MS / 1000 + COMMAND_TIMEOUT,
+            socket_connect_timeout=CONNECT_TIMEOUT,
+        )
+        self._hub: Hub | None = None
+        self._tail_task: asyncio.Task[None] | None = None
+        self._closing = False
+        # The last entry handed to the hub, which the tail reads after, and how many
+        # entries the stream had had up to it (``XINFO STREAM`` entries-added).
+        self._last_id = "0-0"
+        self._read_count = 0
+        self._epoch: bytes | None = None
+        self._synced = False  # the tail has found its starting point once
+        self._up = False  # the tail's last command worked
+        self._lost = False  # Redis was lost after the first contact, not yet regained
+        self._warned = False
+        self._length = 0
+        self._behind_ms: int | None = None
+
+    @property
+    def log_key(self) -> str:
+        return self._log_key
+
+    # -- lifecycle
+
+    async def start(self, hub: Hub) -> None:
+        """Find the stream's head and start tailing it.
+
+        If Redis does not answer, the broker starts anyway (``/readyz`` fails, publishing
+        is refused) and the tail keeps trying.
+        """
+        self._hub = hub
+        logger.info("event log: Redis stream %r at %s", self._log_key, self._url)
+        try:
+            await self._sync()
+            self._up = True
+        except (RedisError, OSError) as exc:
+            self._note_failure(exc)
+        self._tail_task = asyncio.create_task(self._tail(), name="broker-redis-tail")
+
+    async def close(self) -> None:
+        self._closing = True
+        task = self._tail_task
+        if task is not None:
+            # Cancel until it ends: redis-py can swallow a cancellation that lands as a
+            # blocking read times out, and the tail would then read on. ``_closing`` stops
+            # it after that read in any case.
+            deadline = asyncio.get_running_loop().time() + TAIL_BLOCK_MS / 1000 + COMMAND_TIMEOUT
+            while not task.done() and asyncio.get_running_loop().time() < deadline:
+                task.cancel()
+                await asyncio.wait({task}, timeout=0.1)
+            if not task.done():
+                logger.warning("the Redis tail did not stop in time")
+            elif not task.cancelled() and task.exception() is not None:
+                logger.error("the Redis tail failed", exc_info=task.exception())
+            self._tail_task = None
+        self._hub = None
+        self._up = False
+        await self._tail_redis.aclose()
+        await self._redis.aclose()
+
+    # -- publishing
+
+    async def publish(self, drafts: list[EventDraft]) -> list[str]:
+        if not self._synced:
+            # The tail would start after whatever this publish appends: refuse rather than
+            # acknowledge an event this node's own subscribers would never see.
+            raise Unavailable(
+                "the event log (Redis) has not been reached yet", retry_after=RETRY_AFTER
+            )
+        pipe = self._redis.pipeline(transaction=True)
+        for draft in drafts:
+            pipe.xadd(
+                self._log_key, stored_fields(draft), maxlen=self._max_events, approximate=True
+            )
+        try:
+            ids: list[bytes] = await pipe.execute()
+        except _CONNECTION_ERRORS:
+            raise Unavailable(
+                "the event log (Redis) is unreachable; nothing was acknowledged",
+                retry_after=RETRY_AFTER,
+            ) from None
+        except RedisError as exc:
+            logger.warning("Redis refused a publish: %s", exc)
+            raise Unavailable(
+                f"the event log (Redis) refused the write: {exc}", retry_after=RETRY_AFTER
+            ) from None
+        return [entry_id.decode("ascii") for entry_id in ids]
+
+    # -- replay
+
+    async def replay(self, last_id: str, selector: Selector) -> Replay:
+        """Entries after ``last_id`` that ``selector`` wants, read from the stream.
+
+        ``through`` is the stream's last-generated id when the read began, so events the
+        tail offers later and the replay already holds are skipped (``skip_through``).
+        ``missed`` when events after ``last_id`` may be gone: it is not a stream id, it is
+        newer than anything this stream generated (a Redis that restarted empty), or its
+        entry is no longer in the stream (trimmed, or never in it). Then every retained
+        matching entry is replayed, as the in-memory log does.
+        """
+        try:
+            return await self._read_replay(last_id, selector)
+        except _CONNECTION_ERRORS:
+            raise Unavailable(
+                "the event log (Redis) is unreachable", retry_after=RETRY_AFTER
+            ) from None
+        except RedisError as exc:
+            logger.warning("Redis refused a replay read: %s", exc)
+            raise Unavailable(
+                f"the event log (Redis) refused the read: {exc}", retry_after=RETRY_AFTER
+            ) from None
+
+    async def _read_replay(self, last_id: str, selector: Selector) -> Replay:
+        position = parse_stream_id(last_id)
+        pipe = self._redis.pipeline(transaction=True)
+        pipe.xinfo_stream(self._log_key)
+        if position is not None:
+            pipe.xrange(self._log_key, last_id, last_id, count=1)
+        results = await pipe.execute(raise_on_error=False)
+        info = results[0]
+        if isinstance(info, Exception):
+            if _no_such_key(info):
+                return Replay([], missed=True, through=0)
+            raise info
+        if position is not None and isinstance(results[1], Exception):
+            raise results[1]
+        head_id: str = info["last-generated-id"].decode("ascii")
+        head = parse_stream_id(head_id)
+        assert head is not None
+        through = stream_seq(head)
+        if position == head:
+            return Replay([], missed=False, through=through)
+        retained = position is not None and position < head and bool(results[1])
+        events, gap = await self._read_range(last_id if retained else None, head_id, selector)
+        return Replay(events, missed=not retained or gap, through=through)
+
+    async def _read_range(
+        self, after: str | None, head_id: str, selector: Selector
+    ) -> tuple[list[Event], bool]:
+        """Matching entries after ``after`` (or from the oldest) up to ``head_id``, in
+        batches; and whether the stream was trimmed past the read while it went on."""
+        events: list[Event] = []
+        gap = False
+        created = time.monotonic()
+        cursor = after
+        while True:
+            pipe = self._redis.pipeline(transaction=True)
+            if cursor is not None:
+                pipe.xrange(self._log_key, "-", "+", count=1)
+            pipe.xrange(
+                self._log_key, "-" if cursor is None else f"({cursor}", head_id, count=REPLAY_BATCH
+            )
+            results = await pipe.execute()
+            batch: list[Entry] = results[-1]
+            if cursor is not None:
+                oldest: list[Entry] = results[0]
+                oldest_id = parse_stream_id(oldest[0][0].decode("ascii")) if oldest else None
+                cursor_id = parse_stream_id(cursor)
+                if oldest_id is None or cursor_id is None or oldest_id > cursor_id:
+                    gap = True  # the entry read last is gone, and maybe some after it
+            for entry_id, fields in batch:
+                try:
+                    topics = entry_topics(fields)
+                    if selector.matches_any(topics):
+                        events.append(entry_event(entry_id, fields, topics, created))
+                except MalformedEntry as exc:
+                    logger.warning("skipping stream entry %s: %s", entry_id, exc)
+            if len(batch) < REPLAY_BATCH:
+                return events, gap
+            cursor = batch[-1][0].decode("ascii")
+            if cursor == head_id:
+                return events, gap
+
+    # -- state
+
+    def ready(self) -> bool:
+        return self._synced and self._up
+
+    def history_size(self) -> int:
+        """Entries in the stream, as of the tail's last read or the last ``trim``."""
+        return self._length
+
+    def lag_seconds(self) -> float:
+        """Wall-clock age of the last delivered entry while the tail reads full batches
+        (more are waiting); 0 once a read comes back short (caught up)."""
+        behind = self._behind_ms
+        if behind is None:
+            return 0.0
+        return max(0.0, time.time() - behind / 1000)
+
+    async def trim(self) -> None:
+        """Drop entries past ``--history-size`` and older than ``--history-ttl``.
+
+        Exact trims, once per timer tick: ``XADD``'s ``MAXLEN ~`` only trims whole stream
+        nodes. Age is measured on Redis's clock (``TIME``), the one that made the ids.
+        Skipped while Redis is away, so that it never holds up the shared timer.
+        """
+        if not self.ready():
+            return
+        try:
+            seconds, micros = await self._redis.time()
+            oldest_ms = max(0, seconds * 1000 + micros // 1000 - int(self._ttl * 1000))
+            pipe = self._redis.pipeline(transaction=True)
+            pipe.xtrim(self._log_key, maxlen=self._max_events, approximate=False)
+            pipe.xtrim(self._log_key, minid=f"{oldest_ms}-0", approximate=False)
+            pipe.xlen(self._log_key)
+            *_, length = await pipe.execute()
+        except (RedisError, OSError) as exc:
+            logger.debug("trim skipped: %s", exc)
+            return
+        self._length = length
+
+    # -- the tail
+
+    async def _tail(self) -> None:
+        """Read the stream after the last delivered entry and fan out, until closed.
+
+        While behind, it reads batch after batch. Once caught up, a blocking ``XREAD``
+        waits for the next entry; the entries themselves are always read in a
+        ``MULTI`` with ``XINFO STREAM``, so that the read and the stream's counters
+        describe the same moment (``_take``).
+        """
+        backoff = BACKOFF_FIRST
+        caught_up = False
+        while not self._closing:
+            try:
+                if not self._up:
+                    await self._sync()
+                    await self._regained()
+                    backoff = BACKOFF_FIRST
+                    caught_up = False
+                if caught_up:
+                    woken = await self._tail_redis.xread(
+                        {self._log_key: self._last_id}, count=1, block=TAIL_BLOCK_MS
+                    )
+                    if not woken:
+                        self._behind_ms = None
+                        continue
+                pipe = self._tail_redis.pipeline(transaction=True)
+                pipe.xinfo_stream(self._log_key)
+                pipe.xread({self._log_key: self._last_id}, count=TAIL_BATCH)
+                info, response = await pipe.execute(raise_on_error=False)
+                caught_up = self._take(info, response)
+            except (RedisError, OSError) as exc:
+                logger.debug("the Redis tail failed", exc_info=True)
+                self._note_failure(exc)
+                caught_up = False
+                # A failure on one connection says little about the tail's others (it
+                # uses one to block, another for MULTI): start them all afresh.
+                await _drop_connections(self._tail_redis)
+                await asyncio.sleep(backoff * random.uniform(0.5, 1.0))
+                backoff = min(backoff * 2, BACKOFF_MAX)
+            except Exception:
+                logger.exception("the Redis tail failed after %s; going on", self._last_id)
+                caught_up = False
+                await asyncio.sleep(BACKOFF_MAX)
+
+    def _take(self, info: Any, response: Any) -> bool:
+        """Deliver one read, after checking that nothing after the last id was lost.
+
+        The stream has had ``entries-added`` entries; trimming removes from the front, so
+        it still holds the newest ``length`` of them. This node has read the first
+        ``_read_count``. If the oldest entry still held is numbered past
+        ``_read_count + 1``, entries were trimmed before this node read them (it fell
+        behind by more than ``--history-size``, or one batch was larger than it). If the
+        stream counts fewer entries than this node read, it is a new stream. An id that
+        merely aged out (``--history-ttl``) with nothing lost after it is no gap.
+        Returns whether the tail has caught up with the stream.
+        """
+        if isinstance(response, Exception):
+            raise response
+        if isinstance(info, Exception):
+            if not _no_such_key(info):
+                raise info
+            added = length = 0
+        else:
+            added, length = _counters(info)
+        if added < self._read_count or (added == 0 and self._last_id != "0-0"):
+            self._report_gap("reset")
+            return False
+        entries: list[Entry] = response[0][1] if response else []
+        first_held = added - length  # entries numbered up to this one are gone
+        if first_held > self._read_count:
+            self._report_gap("trimmed")
+            self._read_count = first_held
+        self._length = length
+        if entries:
+            self._read_count += len(entries)
+            self._deliver(entries)
+        caught_up = len(entries) < TAIL_BATCH
+        self._behind_ms = None if caught_up else int(self._last_id.partition("-")[0])
+        return caught_up
+
+    def _deliver(self, entries: list[Entry]) -> None:
+        created = time.monotonic()
+        events: list[Event] = []
+        for entry_id, fields in entries:
+            try:
+                events.append(entry_event(entry_id, fields, entry_topics(fields), created))
+            except MalformedEntry as exc:
+                logger.warning("skipping stream entry %s: %s", entry_id, exc)
+        self._last_id = entries[-1][0].decode("ascii")
+        if events and self._hub is not None:
+            self._hub.fan_out(events)
+
+    async def _sync(self) -> None:
+        """Find where the tail reads from.
+
+        At the first contact: the stream's head (earlier events are history). After an
+        outage: the last id delivered, so subscribers get everything appended meanwhile;
+        unless Redis lost the log (another epoch token, or a stream that is gone or went
+        backwards), in which case every stream is told and the tail starts the new log
+        from its beginning. Entries trimmed meanwhile are found by the next read.
+        """
+        candidate = uuid.uuid4().hex.encode("ascii")
+        pipe = self._tail_redis.pipeline(transaction=True)
+        pipe.set(self._epoch_key, candidate, nx=True, get=True)
+        pipe.xinfo_stream(self._log_key)
+        old_epoch, info = await pipe.execute(raise_on_error=False)
+        if isinstance(old_epoch, Exception):
+            raise old_epoch
+        if isinstance(info, Exception) and not _no_such_key(info):
+            raise info
+        epoch: bytes = old_epoch if old_epoch is not None else candidate
+        stream = None if isinstance(info, Exception) else info
+        head = None if stream is None else parse_stream_id(stream["last-generated-id"].decode())
+        added, length = (0, 0) if stream is None else _counters(stream)
+        if not self._synced:
+            self._last_id = "0-0" if head is None else f"{head[0]}-{head[1]}"
+            self._read_count = added
+        else:
+            last = parse_stream_id(self._last_id)
+            if (
+                epoch != self._epoch
+                or (head is None and self._read_count > 0)
+                or (head is not None and last is not None and head < last)
+                or added < self._read_count
+            ):
+                self._report_gap("reset")
+        self._epoch = epoch
+        self._length = length
+        self._synced = True
+
+    def _report_gap(self, cause: str) -> None:
+        """Tell every stream that events after the last delivered id may be gone."""
+        lost_after = self._last_id
+        if cause == "reset":
+            logger.warning(
+                "Redis lost the event log (restarted empty?): events after %s may be gone; "
+                "telling every stream (broker.missed) and carrying on with the new log",
+                lost_after,
+            )
+            self._last_id = "0-0"
+            self._read_count = 0
+        else:
+            logger.warning(
+                "events after %s were trimmed from the log before this node read them "
+                "(--history-size too small for this node's lag or a batch?); "
+                "telling every stream (broker.missed)",
+                lost_after,
+            )
+        self._stats.stream_gaps[cause] += 1
+        if self._hub is not None:
+            self._hub.notify_missed(lost_after, new_log=cause == "reset")
+
+    async def _regained(self) -> None:
+        self._up = True
+        self._warned = False
+        if not self._lost:
+            return
+        self._lost = False
+        self._stats.backend_reconnects += 1
+        logger.info("reconnected to Redis; the log resumes after %s", self._last_id)
+        # Pooled connections from before the outage are dead; drop the idle ones now
+        # rather than fail a publish on each.
+        await _drop_connections(self._redis, inuse=False)
+
+    def _note_failure(self, exc: BaseException) -> None:
+        self._up = False
+        if self._synced and not self._lost:
+            self._lost = True
+            logger.warning(
+                "lost Redis at %s (%s); publishing is refused and streams stay open "
+                "until it is back",
+                self._url,
+                exc,
+            )
+        elif not self._warned and not self._lost:
+            logger.warning("cannot reach Redis at %s (%s); retrying", self._url, exc)
+        self._warned = True
+
+
+async def _drop_connections(client: redis.asyncio.Redis, *, inuse: bool = True) -> None:
+    try:
+        await client.connection_pool.disconnect(inuse_connections=inuse)
+    except (RedisError, OSError) as exc:  # closing a dead connection can fail too
+        logger.debug("dropping Redis connections: %s", exc)
+
+
+def _counters(info: dict[str, Any]) -> tuple[int, int]:
+    """``entries-added`` and ``length`` from ``XINFO STREAM`` (Redis 7.0 or later)."""
+    added = info.get("entries-added")
+    if added is None:
+        raise RedisError("Redis 7.0 or later is needed (XINFO STREAM has no entries-added)")
+    return int(added), int(info["length"])
