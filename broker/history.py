@@ -62,26 +62,30 @@ class EventLog:
         """Position of the newest event ever appended (0 before the first)."""
         return self._seq
 
-    def _next_id(self) -> str:
-        now = self._wall_clock_ms()
-        if now > self._last_ms:
-            self._last_ms, self._counter = now, 0
-        else:
-            self._counter += 1
-        return f"{self._last_ms}-{self._counter}"
-
     def append(self, drafts: Iterable[EventDraft]) -> list[Event]:
-        """Give each draft an id and a position, keep it, and return the logged events."""
+        """Give each draft an id and a position, keep it, and return the logged events.
+
+        One clock reading serves the whole batch: ids within it share the millisecond
+        and count up, exactly as they would if it all arrived within one millisecond.
+        """
         now = self._clock()
+        wall_ms = self._wall_clock_ms()
+        if wall_ms > self._last_ms:
+            self._last_ms, self._counter = wall_ms, -1
+        prefix = f"{self._last_ms}-"
+        keep = self._max_events > 0
+        events, positions = self._events, self._positions
         appended: list[Event] = []
         for draft in drafts:
             self._seq += 1
-            event = Event.build(self._seq, self._next_id(), draft, now)
+            self._counter += 1
+            event = Event.build(self._seq, prefix + str(self._counter), draft, now)
             appended.append(event)
-            if self._max_events:
-                self._events.append(event)
-                self._positions[event.id] = event.seq
-            self._head_id = event.id
+            if keep:
+                events.append(event)
+                positions[event.id] = event.seq
+        if appended:
+            self._head_id = appended[-1].id
         self._evict(now)
         return appended
 

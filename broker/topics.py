@@ -13,6 +13,7 @@ patterns, never on the number of subscribers.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Hashable, Iterable
 from typing import Generic, TypeVar
@@ -44,6 +45,14 @@ def _check_text(topic: object, what: str) -> str:
 
 def validate_topic(topic: object) -> str:
     """Check a topic an event is published to."""
+    if not isinstance(topic, str):
+        raise TopicError("topic must be a string")
+    return _validate_topic_text(topic)
+
+
+# Publishers send the same few topics over and over: remember the ones that passed.
+@functools.lru_cache(maxsize=4096)
+def _validate_topic_text(topic: str) -> str:
     text = _check_text(topic, "topic")
     if any(segment in (STAR, DOUBLE_STAR) for segment in text.split("/")):
         raise TopicError(f"topic {text!r} has a wildcard segment; wildcards are for subscribing")

@@ -31,7 +31,15 @@ def test_ids_strictly_increase_even_within_one_millisecond() -> None:
 def test_ids_survive_a_clock_going_backwards() -> None:
     times = iter([10, 9, 11])
     log = EventLog(100, 60, wall_clock_ms=lambda: next(times))
-    assert [e.id for e in log.append(drafts("a", "a", "a"))] == ["10-0", "10-1", "11-0"]
+    ids = [log.append(drafts("a"))[0].id for _ in range(3)]
+    assert ids == ["10-0", "10-1", "11-0"]
+
+
+def test_a_batch_reads_the_clock_once() -> None:
+    times = iter([7, 8])
+    log = EventLog(100, 60, wall_clock_ms=lambda: next(times))
+    assert [e.id for e in log.append(drafts("a", "b", "c"))] == ["7-0", "7-1", "7-2"]
+    assert [e.id for e in log.append(drafts("a"))] == ["8-0"]
 
 
 def test_events_carry_the_id_in_their_wire_bytes() -> None:
