@@ -3,6 +3,14 @@
 ``serve`` runs the broker until SIGTERM or SIGINT, then stops gracefully: it stops
 accepting connections, ends every event stream cleanly (so each ``EventSource``
 reconnects, to another node when there is one) and exits within ``--shutdown-timeout``.
+
+With ``--workers N`` (N > 1, Redis only) the process is a supervisor: it starts N workers,
+each the same command in a process of its own, all listening on the port with
+``SO_REUSEPORT`` (the kernel spreads connections over them) and sharing the Redis log.
+The supervisor forwards SIGTERM and SIGINT to them and waits for them. A worker that dies
+on its own is not restarted: the supervisor stops the others and exits non-zero, so that
+whatever runs the broker (systemd, Kubernetes, a container runtime) sees the failure and
+restarts it whole, rather than a broker that limps on with fewer workers unnoticed.
 """
 
 from __future__ import annotations
@@ -14,17 +22,31 @@ import logging
 import os
 import resource
 import signal
+import subprocess
 import sys
+import time
 from collections.abc import Callable, Sequence
 from typing import NoReturn
 
 from aiohttp import web
 
 from broker import __version__
-from broker.config import Config, ConfigError, add_serve_arguments, config_from_args
+from broker.config import (
+    Config,
+    ConfigError,
+    add_serve_arguments,
+    config_from_args,
+    workers_problem,
+)
 from broker.web import create_app
 
 logger = logging.getLogger("broker")
+
+# Set by the supervisor in each worker's environment: the worker's number (1 to N). Not an
+# option: a worker is a serve process that shares its port (SO_REUSEPORT) on purpose.
+WORKER_ENV = "SSE_BROKER_WORKER"
+# Extra time a worker gets, past its own --shutdown-timeout, before the supervisor kills it.
+WORKER_STOP_GRACE = 5.0
 
 
 class _Parser(argparse.ArgumentParser):
@@ -49,7 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(arguments)
     if args.command is None:
         parser.print_help(sys.stderr)
         return 2
@@ -57,13 +80,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = config_from_args(args, os.environ)
     except ConfigError as exc:
         parser.error(str(exc))
+    problem = workers_problem(config)
+    if problem is not None:
+        parser.error(problem)
+    worker = os.environ.get(WORKER_ENV)
     logging.basicConfig(
         level=config.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        format="%(asctime)s %(levelname)s %(name)s"
+        + (f"[worker {worker}]" if worker else "")
+        + ": %(message)s",
     )
     _raise_file_limit()
+    if config.workers > 1 and not worker:
+        return supervise(config, arguments)
     try:
-        _run(serve(config))
+        _run(serve(config, reuse_port=bool(worker)))
     except OSError as exc:
         print(
             f"sse-broker: error: cannot listen on {config.host}:{config.port}: {exc}",
@@ -93,8 +124,11 @@ def _run(main_coroutine: object) -> None:
         runner.run(main_coroutine)  # type: ignore[arg-type]
 
 
-async def serve(config: Config) -> None:
-    """Serve until a stop signal, then shut down within ``config.shutdown_timeout``."""
+async def serve(config: Config, *, reuse_port: bool = False) -> None:
+    """Serve until a stop signal, then shut down within ``config.shutdown_timeout``.
+
+    ``reuse_port``: listen with ``SO_REUSEPORT``, beside the other workers.
+    """
     app = create_app(config)
     runner = web.AppRunner(
         app,
@@ -105,7 +139,9 @@ async def serve(config: Config) -> None:
         shutdown_timeout=config.shutdown_timeout * 0.4,
     )
     await runner.setup()
-    site = web.TCPSite(runner, config.host, config.port, backlog=4096)
+    site = web.TCPSite(
+        runner, config.host, config.port, backlog=4096, reuse_port=reuse_port or None
+    )
     try:
         await site.start()
     except OSError:
@@ -123,3 +159,86 @@ async def serve(config: Config) -> None:
     except TimeoutError:
         logger.warning("shutdown timeout reached; closing remaining connections")
     logger.info("stopped")
+
+
+def supervise(config: Config, arguments: Sequence[str]) -> int:
+    """Run ``config.workers`` workers until a stop signal or until one of them dies.
+
+    Returns 0 when every worker stopped cleanly after SIGTERM or SIGINT, 1 when a worker
+    exited on its own (or failed to start) or did not stop cleanly.
+    """
+    stop_signal: list[int] = []
+
+    def on_signal(signum: int, frame: object) -> None:
+        stop_signal.append(signum)
+
+    previous = {
+        signum: signal.signal(signum, on_signal) for signum in (signal.SIGTERM, signal.SIGINT)
+    }
+    workers: list[subprocess.Popen[bytes]] = []
+    try:
+        for number in range(1, config.workers + 1):
+            workers.append(
+                subprocess.Popen(
+                    [sys.executable, "-m", "broker", *arguments],
+                    env={**os.environ, WORKER_ENV: str(number)},
+                )
+            )
+        logger.info(
+            "sse-broker %s supervising %d workers on http://%s:%d (pids %s)",
+            __version__,
+            len(workers),
+            config.host,
+            config.port,
+            ", ".join(str(worker.pid) for worker in workers),
+        )
+        failed = _wait_for_stop_or_death(workers, stop_signal)
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    forwarded = stop_signal[0] if stop_signal else signal.SIGTERM
+    if failed is not None:
+        logger.error(
+            "worker (pid %d) exited with status %s; stopping the others",
+            failed.pid,
+            failed.returncode,
+        )
+    else:
+        logger.info("stopping %d workers", len(workers))
+    clean = _stop_workers(workers, forwarded, config.shutdown_timeout + WORKER_STOP_GRACE)
+    logger.info("stopped")
+    return 0 if clean and failed is None else 1
+
+
+def _wait_for_stop_or_death(
+    workers: list[subprocess.Popen[bytes]], stop_signal: list[int]
+) -> subprocess.Popen[bytes] | None:
+    """Wait for a stop signal (None) or a worker that exits on its own (that worker)."""
+    while not stop_signal:
+        for worker in workers:
+            if worker.poll() is not None:
+                return worker
+        time.sleep(0.05)
+    return None
+
+
+def _stop_workers(workers: list[subprocess.Popen[bytes]], signum: int, budget: float) -> bool:
+    """Signal every running worker, wait up to ``budget`` seconds, kill what is left.
+
+    Returns whether every worker signalled here exited with status 0.
+    """
+    signalled = [worker for worker in workers if worker.poll() is None]
+    for worker in signalled:
+        with contextlib.suppress(ProcessLookupError):
+            worker.send_signal(signum)
+    deadline = time.monotonic() + budget
+    clean = True
+    for worker in signalled:
+        try:
+            worker.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            logger.warning("worker (pid %d) did not stop in time; killing it", worker.pid)
+            worker.kill()
+            worker.wait()
+        clean = clean and worker.returncode == 0
+    return clean

@@ -53,6 +53,7 @@ class Config:
     # Not in the repr: the URL may carry a password.
     redis_url: str | None = dataclasses.field(default=None, repr=False)
     redis_prefix: str = "sse"
+    workers: int = 1
 
 
 class ConfigError(ValueError):
@@ -332,6 +333,13 @@ _OPTIONS: tuple[_Option, ...] = (
         "namespace of the broker's Redis keys (letters, digits, underscores)",
         "PREFIX",
     ),
+    _Option(
+        "--workers",
+        "workers",
+        _integer(1, 1024),
+        "processes serving the port together (SO_REUSEPORT); more than 1 needs --redis-url",
+        "N",
+    ),
 )
 
 
@@ -395,6 +403,21 @@ def config_from_args(args: argparse.Namespace, environ: Mapping[str, str]) -> Co
             f"{origins.get('queue_bytes', '')}): such an event could never be queued"
         )
     return config
+
+
+def workers_problem(config: Config) -> str | None:
+    """Why ``--workers`` cannot be used as set, or None.
+
+    Checked by the command rather than by ``config_from_args``: it concerns how the
+    process runs, not the broker, and a ``Config`` with several workers and no Redis is
+    still a valid description of one worker.
+    """
+    if config.workers > 1 and config.redis_url is None:
+        return (
+            f"--workers ({config.workers}) needs --redis-url: each worker is a separate "
+            "process, and only a shared Redis log lets every worker see every event"
+        )
+    return None
 
 
 def load_config(

@@ -179,8 +179,12 @@ class Subscriber(asyncio.Protocol):
         """
         self._skip_through = position
         queue = self._queue
-        while queue and queue[0].seq <= position:
-            self._queued_bytes -= len(queue.popleft().chunk)
+        if queue:
+            # Not just from the head: a live-only event (Redis channels, past every position)
+            # may sit between covered ones.
+            kept = deque(event for event in queue if event.seq > position)
+            self._queued_bytes = sum(len(event.chunk) for event in kept)
+            self._queue = kept
 
     def take_over(self) -> None:
         """Become the transport's protocol and go live.

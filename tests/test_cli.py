@@ -52,6 +52,7 @@ SERVE_FLAGS = {
     "--shutdown-timeout": "BROKER_SHUTDOWN_TIMEOUT",
     "--redis-url": "BROKER_REDIS_URL",
     "--redis-prefix": "BROKER_REDIS_PREFIX",
+    "--workers": "BROKER_WORKERS",
 }
 
 
@@ -272,6 +273,8 @@ def test_no_command_shows_usage_and_exits_2() -> None:
         (["--max-event-bytes", "2MiB"], {}, ["--max-event-bytes", "--queue-bytes"]),
         (["--nope"], {}, ["--nope"]),
         (["--port"], {}, ["--port"]),
+        (["--workers", "2"], {}, ["--workers", "(2)", "--redis-url"]),
+        ([], {"BROKER_WORKERS": "3"}, ["--workers", "(3)", "--redis-url"]),
     ],
     ids=[
         "port-0",
@@ -283,6 +286,8 @@ def test_no_command_shows_usage_and_exits_2() -> None:
         "event-larger-than-queue",
         "unknown-flag",
         "missing-value",
+        "workers-without-redis",
+        "env-workers-without-redis",
     ],
 )
 def test_invalid_start_exits_2_with_one_line(

@@ -74,6 +74,7 @@ OPTIONS = (
         "unix:///run/redis/redis.sock",
     ),
     Option("--redis-prefix", "redis_prefix", "sse", ("app_events", "app_events"), "other"),
+    Option("--workers", "workers", 1, ("4", 4), "2"),
 )
 BY_FLAG = {option.flag: option for option in OPTIONS}
 
@@ -229,6 +230,9 @@ INVALID = [
     ("--redis-prefix", ""),
     ("--redis-prefix", "app:events"),
     ("--redis-prefix", "x" * 65),
+    ("--workers", "0"),
+    ("--workers", "two"),
+    ("--workers", "1025"),
 ]
 
 

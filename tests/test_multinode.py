@@ -14,10 +14,12 @@ import re
 import resource
 import signal
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import httpx
 import orjson
 import pytest
+import redis.asyncio
 
 from broker.subscriber import MISSED_EVENT
 from tests.conftest import BrokerProcess, RedisServer, wait_for
@@ -218,6 +220,82 @@ async def test_every_stream_is_told_missed_when_redis_comes_back_empty(
     for node in nodes:
         metrics = (await client.get(f"{node.url}/metrics")).text
         assert metric(metrics, 'sse_broker_stream_gaps_total{cause="reset"}') == 1
+
+
+# --- publishing over Redis, without HTTP --------------------------------------------------
+
+
+async def test_fcall_publish_from_a_plain_redis_client_reaches_every_node_with_the_stream_ids(
+    broker_process: StartBroker, redis_url: str, redis_prefix: str
+) -> None:
+    nodes = start_nodes(broker_process, redis_url, redis_prefix, 2)
+    streams = [await subscribe(node, "topic=news/*") for node in nodes]
+    client = redis.asyncio.Redis.from_url(redis_url)
+    try:
+        published: list[tuple[str, str]] = []
+        for n in range(30):
+            result: Any = await client.fcall(
+                f"{redis_prefix}_publish", 0, f"news/{n % 3}", f"event {n}"
+            )
+            published.append((result.decode(), f"event {n}"))
+        logged: Any = await client.xrange(f"{redis_prefix}:log")
+        assert [entry_id.decode() for entry_id, _ in logged] == [i for i, _ in published]
+        for stream in streams:
+            await stream.read_until(lambda s=stream: len(s.events()) >= 30)  # type: ignore[misc]
+            assert received(stream) == published
+            stream.close()
+    finally:
+        await client.aclose()
+        await client_delete_library(redis_url, redis_prefix)
+
+
+async def client_delete_library(redis_url: str, prefix: str) -> None:
+    async with redis.asyncio.Redis.from_url(redis_url) as client:
+        await client.function_delete(f"sse_broker_v1_{prefix}")
+
+
+async def probe_channels(client: redis.asyncio.Redis, prefix: str, node: BrokerProcess) -> None:
+    """Wait until ``node`` delivers what is PUBLISHed on its channels (see
+    ``test_redis_functions.channels_ready``: a subscription counts before it reads)."""
+    probe = await subscribe(node, "topic=probe")
+    try:
+        for _ in range(200):
+            await client.publish(f"{prefix}:topic:probe", "probe")
+            try:
+                await probe.receive(within=0.1)
+            except TimeoutError:
+                continue
+            if probe.events():
+                return
+        raise AssertionError("the node never delivered a channel message")
+    finally:
+        probe.close()
+
+
+async def test_channel_publish_reaches_every_subscriber_on_every_node_exactly_once(
+    broker_process: StartBroker, redis_url: str, redis_prefix: str
+) -> None:
+    nodes = start_nodes(broker_process, redis_url, redis_prefix, 2)
+    client = redis.asyncio.Redis.from_url(redis_url)
+    try:
+        for node in nodes:
+            await probe_channels(client, redis_prefix, node)
+        streams = [
+            await subscribe(node, query)
+            for node in nodes
+            for query in ("topic=room/*", "topic=room/1&topic=room/**")
+        ]
+        sent = [f"message {n}" for n in range(25)]
+        for text in sent:
+            await client.publish(f"{redis_prefix}:topic:room/1", text)
+        await client.publish(f"{redis_prefix}:topic:room/1", orjson.dumps({"data": "end"}))
+        for stream in streams:
+            await stream.read_until(lambda s=stream: any(f.data == "end" for f in s.events()))  # type: ignore[misc]
+            assert received(stream) == [(None, text) for text in [*sent, "end"]]
+            stream.close()
+        assert await client.xlen(f"{redis_prefix}:log") == 0  # live only: not in the log
+    finally:
+        await client.aclose()
 
 
 # --- many subscribers --------------------------------------------------------------------

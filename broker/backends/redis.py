@@ -16,6 +16,14 @@ Keys (``<prefix>`` is ``--redis-prefix``):
   when it reads it.
 * ``<prefix>:epoch``: a random token, set by the first node that reaches this Redis. A
   node that finds another token after a reconnect knows Redis lost its data.
+* The function library ``sse_broker_v<N>_<prefix>`` with ``<prefix>_publish``, which
+  appends to the log from any Redis client with the HTTP path's checks
+  (``broker.backends.redis_functions``); every node loads it at start-up and after every
+  reconnect.
+* The channels ``<prefix>:topic:<topic>``: a plain ``PUBLISH`` there is delivered live to
+  the topic's subscribers on every node (each node holds one ``PSUBSCRIBE``), with no id
+  and no replay: it never enters the log, so it has no position a client could resume
+  from (``_listen``).
 
 The entry id is the event id, so ids are identical on every node, and a subscriber can
 resume on any node. Publishing appends (``MULTI``/``XADD … MAXLEN ~ history-size``/
@@ -33,6 +41,7 @@ Needs Redis 7.0 or later (``XINFO STREAM`` entries-added, ``SET … NX GET``).
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import random
 import re
@@ -40,6 +49,7 @@ import time
 import uuid
 from typing import Any
 
+import orjson
 import redis.asyncio
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
@@ -48,9 +58,11 @@ from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.typing import EncodableT, FieldT
 
-from broker.config import redacted_url
-from broker.errors import Unavailable
-from broker.event import Event, EventDraft, encode_draft
+from broker import sse
+from broker.backends.redis_functions import library_source
+from broker.config import Config, redacted_url
+from broker.errors import ClientError, Unavailable
+from broker.event import Event, EventDraft, EventLimits, encode_draft, make_draft
 from broker.history import Replay
 from broker.hub import Hub
 from broker.metrics import Stats
@@ -73,6 +85,13 @@ RETRY_AFTER = 1
 _STREAM_ID = re.compile(r"([0-9]{1,20})-([0-9]{1,20})")  # ASCII digits only
 _MAX_ID_PART = 2**64 - 1
 _CONNECTION_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
+
+# The position of an event PUBLISHed on a channel: it is not in the log, so it has none.
+# Past every stream position (``stream_seq`` < 2**128), so that ``Subscriber.offer`` never
+# takes it for one a replay covered.
+LIVE_ONLY_SEQ = 1 << 128
+
+_DEFAULT_LIMITS = EventLimits(Config().max_topics, Config().max_event_bytes)
 
 StreamId = tuple[int, int]
 Entry = tuple[bytes, dict[bytes, bytes]]
@@ -155,13 +174,31 @@ def _no_such_key(result: object) -> bool:
 class RedisBackend:
     """The event log in ``<prefix>:log``, tailed by this node; see the module docstring."""
 
-    def __init__(self, url: str, prefix: str, *, max_events: int, ttl: float, stats: Stats) -> None:
+    def __init__(
+        self,
+        url: str,
+        prefix: str,
+        *,
+        max_events: int,
+        ttl: float,
+        stats: Stats,
+        limits: EventLimits = _DEFAULT_LIMITS,
+    ) -> None:
         self._url = redacted_url(url)
         self._log_key = f"{prefix}:log"
         self._epoch_key = f"{prefix}:epoch"
+        self._channel_prefix = f"{prefix}:topic:".encode()
         self._max_events = max_events
         self._ttl = ttl
         self._stats = stats
+        self._limits = limits
+        self._library = library_source(
+            prefix,
+            max_events=max_events,
+            max_topics=limits.max_topics,
+            max_event_bytes=limits.max_event_bytes,
+        )
+        self._library_warned = False
         # No retries inside redis-py: a retried MULTI/EXEC whose reply was lost would
         # append the batch twice. A failed publish is a 503 and the publisher retries; the
         # tail has its own backoff.
@@ -179,8 +216,18 @@ class RedisBackend:
             socket_timeout=TAIL_BLOCK_MS / 1000 + COMMAND_TIMEOUT,
             socket_connect_timeout=CONNECT_TIMEOUT,
         )
+        # The channel listener's client, made afresh for each subscription (``_listen``).
+        self._pubsub_client = functools.partial(
+            redis.asyncio.Redis.from_url,
+            url,
+            protocol=2,
+            retry=Retry(NoBackoff(), 0),
+            socket_timeout=TAIL_BLOCK_MS / 1000 + COMMAND_TIMEOUT,
+            socket_connect_timeout=CONNECT_TIMEOUT,
+        )
         self._hub: Hub | None = None
         self._tail_task: asyncio.Task[None] | None = None
+        self._listen_task: asyncio.Task[None] | None = None
         self._closing = False
         # The last entry handed to the hub, which the tail reads after, and how many
         # entries the stream had had up to it (``XINFO STREAM`` entries-added).
@@ -214,23 +261,13 @@ class RedisBackend:
         except (RedisError, OSError) as exc:
             self._note_failure(exc)
         self._tail_task = asyncio.create_task(self._tail(), name="broker-redis-tail")
+        self._listen_task = asyncio.create_task(self._listen(), name="broker-redis-channels")
 
     async def close(self) -> None:
         self._closing = True
-        task = self._tail_task
-        if task is not None:
-            # Cancel until it ends: redis-py can swallow a cancellation that lands as a
-            # blocking read times out, and the tail would then read on. ``_closing`` stops
-            # it after that read in any case.
-            deadline = asyncio.get_running_loop().time() + TAIL_BLOCK_MS / 1000 + COMMAND_TIMEOUT
-            while not task.done() and asyncio.get_running_loop().time() < deadline:
-                task.cancel()
-                await asyncio.wait({task}, timeout=0.1)
-            if not task.done():
-                logger.warning("the Redis tail did not stop in time")
-            elif not task.cancelled() and task.exception() is not None:
-                logger.error("the Redis tail failed", exc_info=task.exception())
-            self._tail_task = None
+        await _stop(self._tail_task, "the Redis tail")
+        await _stop(self._listen_task, "the Redis channel listener")
+        self._tail_task = self._listen_task = None
         self._hub = None
         self._up = False
         await self._tail_redis.aclose()
@@ -388,6 +425,100 @@ class RedisBackend:
             return
         self._length = length
 
+    # -- channels: live-only events from PUBLISH
+
+    async def _listen(self) -> None:
+        """Deliver what is ``PUBLISH``ed on ``<prefix>:topic:<topic>`` to this node's
+        subscribers, until closed; reconnects with backoff like the tail.
+
+        Redis pub/sub is fire-and-forget: a message published while this node's
+        subscription is down is not delivered here, and none is ever replayed.
+        """
+        pattern = self._channel_prefix + b"*"
+        backoff = BACKOFF_FIRST
+        lost = False
+        while not self._closing:
+            # A fresh client each time: a pooled connection that lived through the outage
+            # came back subscribed on the server but silent here.
+            client = self._pubsub_client()
+            pubsub = client.pubsub(ignore_subscribe_messages=True)
+            try:
+                await pubsub.psubscribe(pattern)
+                if lost:
+                    logger.info("resubscribed to the Redis channels %s", pattern.decode())
+                lost = False
+                backoff = BACKOFF_FIRST
+                while not self._closing:
+                    message = await pubsub.get_message(timeout=TAIL_BLOCK_MS / 1000)
+                    if message is not None and message["type"] == "pmessage":
+                        self._deliver_message(message["channel"], message["data"])
+            except (RedisError, OSError) as exc:
+                if not lost:
+                    logger.warning(
+                        "lost the Redis channel subscription (%s); events PUBLISHed on "
+                        "channels until it is back are not delivered here",
+                        exc,
+                    )
+                lost = True
+                await asyncio.sleep(backoff * random.uniform(0.5, 1.0))
+                backoff = min(backoff * 2, BACKOFF_MAX)
+            except Exception:
+                logger.exception("the Redis channel listener failed; going on")
+                await asyncio.sleep(BACKOFF_MAX)
+            finally:
+                try:
+                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+                    await client.aclose()
+                except (RedisError, OSError) as exc:
+                    logger.debug("closing the Redis subscription: %s", exc)
+
+    def _deliver_message(self, channel: bytes, payload: bytes) -> None:
+        """Fan out one channel message as a live-only event, or log why it is ignored.
+
+        A payload that is a JSON object with a ``data`` key is an event object (its
+        ``event`` and ``retry`` honoured, any ``topic`` ignored in favour of the
+        channel's); anything else is the data of one event.
+        """
+        try:
+            topic = channel[len(self._channel_prefix) :].decode("utf-8")
+            text = payload.decode("utf-8")
+        except UnicodeDecodeError:
+            logger.warning("ignoring a message on channel %r: not valid UTF-8", channel)
+            return
+        fields: dict[str, Any] | None = None
+        if text.startswith("{"):
+            try:
+                parsed = orjson.loads(text)
+            except orjson.JSONDecodeError:
+                parsed = None
+            if isinstance(parsed, dict) and "data" in parsed:
+                fields = parsed
+        try:
+            if fields is not None:
+                draft = make_draft(
+                    topic,
+                    fields["data"],
+                    fields.get("event"),
+                    fields.get("retry"),
+                    limits=self._limits,
+                )
+            else:
+                draft = make_draft(topic, text, limits=self._limits)
+        except ClientError as exc:
+            logger.warning("ignoring a message on channel %r: %s", channel, exc.detail)
+            return
+        # No id line: the client's Last-Event-ID stays at the last logged event.
+        event = Event(
+            LIVE_ONLY_SEQ,
+            "",
+            draft.topics,
+            draft.body,
+            sse.as_chunk(draft.body),
+            time.monotonic(),
+        )
+        if self._hub is not None:
+            self._hub.fan_out([event])
+
     # -- the tail
 
     async def _tail(self) -> None:
@@ -497,6 +628,7 @@ class RedisBackend:
         old_epoch, info = await pipe.execute(raise_on_error=False)
         if isinstance(old_epoch, Exception):
             raise old_epoch
+        await self._load_library()
         if isinstance(info, Exception) and not _no_such_key(info):
             raise info
         epoch: bytes = old_epoch if old_epoch is not None else candidate
@@ -518,6 +650,19 @@ class RedisBackend:
         self._epoch = epoch
         self._length = length
         self._synced = True
+
+    async def _load_library(self) -> None:
+        """Load (or replace) the function library; at start-up and after every reconnect,
+        since a Redis that came back empty has lost it. Refused (an old Redis, an ACL), the
+        node goes on without it: the HTTP path does not need it."""
+        try:
+            await self._tail_redis.function_load(self._library, replace=True)
+        except ResponseError as exc:
+            if not self._library_warned:
+                logger.error("cannot load the Redis function library (FCALL publish): %s", exc)
+            self._library_warned = True
+            return
+        self._library_warned = False
 
     def _report_gap(self, cause: str) -> None:
         """Tell every stream that events after the last delivered id may be gone."""
@@ -566,6 +711,22 @@ class RedisBackend:
         elif not self._warned and not self._lost:
             logger.warning("cannot reach Redis at %s (%s); retrying", self._url, exc)
         self._warned = True
+
+
+async def _stop(task: asyncio.Task[None] | None, name: str) -> None:
+    if task is None:
+        return
+    # Cancel until it ends: redis-py can swallow a cancellation that lands as a blocking
+    # read times out, and the task would then read on. ``_closing`` stops it after that
+    # read in any case.
+    deadline = asyncio.get_running_loop().time() + TAIL_BLOCK_MS / 1000 + COMMAND_TIMEOUT
+    while not task.done() and asyncio.get_running_loop().time() < deadline:
+        task.cancel()
+        await asyncio.wait({task}, timeout=0.1)
+    if not task.done():
+        logger.warning("%s did not stop in time", name)
+    elif not task.cancelled() and task.exception() is not None:
+        logger.error("%s failed", name, exc_info=task.exception())
 
 
 async def _drop_connections(client: redis.asyncio.Redis, *, inuse: bool = True) -> None:

@@ -65,6 +65,7 @@ def make_backend(config: Config, stats: Stats) -> Backend:
             max_events=config.history_size,
             ttl=config.history_ttl,
             stats=stats,
+            limits=EventLimits(config.max_topics, config.max_event_bytes),
         )
     return MemoryBackend(config.history_size, config.history_ttl)
 
