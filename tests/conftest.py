@@ -291,3 +291,20 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
     server.start()
     yield server
     server.kill()
+
+
+# The broker runs on uvloop in production and on asyncio's own loop where uvloop is absent.
+# The stream take-over talks to the transport directly (set_protocol, pause/resume), where
+# the two loops differ, so the tests that exercise it run on both.
+BOTH_LOOPS_MODULES = frozenset({"test_takeover", "test_stream", "test_subscriber"})
+
+
+def pytest_asyncio_loop_factories(
+    config: pytest.Config, item: pytest.Item
+) -> dict[str, Callable[[], asyncio.AbstractEventLoop]] | None:
+    module = getattr(item, "module", None)
+    if module is None or module.__name__.rpartition(".")[2] not in BOTH_LOOPS_MODULES:
+        return None
+    import uvloop
+
+    return {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
