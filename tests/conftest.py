@@ -301,10 +301,10 @@ BOTH_LOOPS_MODULES = frozenset({"test_takeover", "test_stream", "test_subscriber
 
 def pytest_asyncio_loop_factories(
     config: pytest.Config, item: pytest.Item
-) -> dict[str, Callable[[], asyncio.AbstractEventLoop]] | None:
+) -> dict[str, Callable[[], asyncio.AbstractEventLoop]]:
     module = getattr(item, "module", None)
     if module is None or module.__name__.rpartition(".")[2] not in BOTH_LOOPS_MODULES:
-        return None
+        return {"asyncio": asyncio.new_event_loop}
     import uvloop
 
     return {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
