@@ -127,6 +127,60 @@ def free_port() -> int:
 # --------------------------------------------------------------------------- /proc
 
 
+def listening_sockets(port: int) -> int:
+    """How many sockets listen on 127.0.0.1:``port`` (``/proc/net/tcp``): one per worker
+    when the workers share the port with ``SO_REUSEPORT``."""
+    wanted = f"0100007F:{port:04X}"
+    found = 0
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+            fields = line.split()
+            if len(fields) > 3 and fields[1] == wanted and fields[3] == "0A":
+                found += 1
+    return found
+
+
+def socket_count(pid: int) -> int:
+    """Open sockets of one process (its file descriptors that are sockets)."""
+    found = 0
+    with contextlib.suppress(OSError):
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            with contextlib.suppress(OSError):
+                if os.readlink(fd).startswith("socket:"):
+                    found += 1
+    return found
+
+
+REDIS_SERVER = "redis-server"
+
+
+def start_redis(group: ProcessGroup, timeout: float = 10.0) -> tuple[subprocess.Popen[bytes], int]:
+    """A private ``redis-server`` on a free port, nothing persisted; its process and port.
+    Raises ``BenchError`` when it is not installed or does not answer PING."""
+    binary = shutil.which(REDIS_SERVER)
+    if binary is None:
+        raise BenchError(f"{REDIS_SERVER} is not on the PATH")
+    port = free_port()
+    process = group.spawn(
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+        log_name="redis-server",
+    )
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise BenchError(f"{REDIS_SERVER} exited with status {process.returncode}")
+        with (
+            contextlib.suppress(OSError),
+            socket.create_connection(("127.0.0.1", port), timeout=1.0) as sock,
+        ):
+            sock.sendall(b"PING\r\n")
+            if sock.recv(64).startswith(b"+PONG"):
+                return process, port
+        time.sleep(0.05)
+    group.stop(process)
+    raise BenchError(f"{REDIS_SERVER} did not answer PING within {timeout:g}s")
+
+
 def process_tree(pid: int) -> list[int]:
     """``pid`` and all its descendants (a server may fork workers)."""
     found = [pid]

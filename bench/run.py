@@ -23,11 +23,12 @@ import dataclasses
 import shlex
 import shutil
 import signal
+import subprocess
 import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -46,9 +47,13 @@ from harness import (
     delivery_rate,
     free_port,
     latency_between,
+    listening_sockets,
     log_tail,
     mark,
+    process_tree,
     rss_bytes,
+    socket_count,
+    start_redis,
     total_events,
     wait_healthy,
 )
@@ -147,6 +152,9 @@ class Plan:
     connect_timeout: float = 60.0
     loadgen_sample: int = 200  # latency-sampled connections per load generator
     latency_share: float = 0.1  # of the largest count, sampled; the others pause meanwhile
+    scale_sizes: tuple[int, ...] = (1000,)  # scale-out: subscribers of each comparison
+    scale_latency_rate: float = 20.0  # events/s of the scale-out latency phase
+    scale_latency_seconds: float = 2.0
 
     @property
     def largest(self) -> int:
@@ -202,6 +210,8 @@ PLANS = {
         publish_seconds=5.0,
         publish_batch=100,
         connect_timeout=120.0,
+        scale_sizes=(1000, 10000),
+        scale_latency_seconds=10.0,
     ),
 }
 
@@ -230,18 +240,30 @@ class Context:
 class ServerRun:
     """One server process with its sampler and load generators, all stopped on exit."""
 
-    def __init__(self, ctx: Context, spec: ServerSpec, session: str) -> None:
+    def __init__(
+        self,
+        ctx: Context,
+        spec: ServerSpec,
+        session: str,
+        *,
+        extra: list[str] | None = None,
+        listeners: int = 1,
+    ) -> None:
+        """``extra``: the broker's flags instead of ``--broker-args``; ``listeners``: the
+        sockets to wait for on the port (one per ``--workers`` process)."""
         self.ctx = ctx
         self.spec = spec
         self.session = session
         self.port = free_port()
         self.log_name = f"{spec.key}-{session}"
-        extra = ctx.broker_args if spec.script is None else []
+        if extra is None:
+            extra = ctx.broker_args if spec.script is None else []
         self.process = ctx.group.spawn(spec.argv(self.port, extra), log_name=self.log_name)
         self.loadgens: list[Loadgen] = []
         self.sampler: Sampler | None = None
         try:
             wait_healthy(self.port, self.process, timeout=30.0)
+            wait_listeners(self.port, self.process, listeners, timeout=30.0)
         except BenchError as exc:
             self.close()
             raise BenchError(f"{exc} {self.log_tail()}") from None
@@ -296,6 +318,21 @@ class ServerRun:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def wait_listeners(
+    port: int, process: subprocess.Popen[bytes], wanted: int, timeout: float
+) -> None:
+    """Wait until ``wanted`` sockets listen on the port: with ``--workers`` the first
+    worker answers /healthz before the others listen, and connections made meanwhile
+    would all go to it."""
+    deadline = time.monotonic() + timeout
+    while listening_sockets(port) < wanted:
+        if process.poll() is not None:
+            raise BenchError(f"exited with status {process.returncode} before serving")
+        if time.monotonic() > deadline:
+            raise BenchError(f"{listening_sockets(port)} of {wanted} listeners after {timeout:g}s")
+        time.sleep(0.05)
 
 
 # --------------------------------------------------------------------------- phases
@@ -368,7 +405,12 @@ MIN_LEAD = 20  # events per subscriber the publisher may be ahead before any rat
 LEAD_SECONDS = 1.0
 
 
-def measure_fanout(run: ServerRun, loadgens: list[Loadgen], batch: int = 1) -> dict[str, Any]:
+def measure_fanout(
+    run: ServerRun,
+    loadgens: list[Loadgen],
+    batch: int = 1,
+    others: Sequence[ServerRun] = (),
+) -> dict[str, Any]:
     """Publish back to back (``batch`` events per POST); deliveries/s and CPU over a
     window after a warm-up.
 
@@ -378,6 +420,9 @@ def measure_fanout(run: ServerRun, loadgens: list[Loadgen], batch: int = 1) -> d
     sustains, not the rate it can grow queues at, and the next phase does not start on a
     backlog. The lead follows the measured rate, so the load generators' report
     interval (counts are up to 50 ms old) never caps the rate: a fixed lead would.
+
+    ``others``: further broker nodes the subscribers are connected to (publishing goes
+    to ``run``); their CPU and RSS are added to the server's.
     """
     plan = run.ctx.plan
     readers = max(readers_of(loadgens), 1)
@@ -423,11 +468,15 @@ def measure_fanout(run: ServerRun, loadgens: list[Loadgen], batch: int = 1) -> d
     finally:
         publisher.close()  # also unblocks a publisher stuck on a server that stopped answering
         thread.join(timeout=5.0)
-    run.check()
-    assert run.sampler is not None
+    servers = [run, *others]
+    for server in servers:
+        server.check()
     delivered, rate = delivery_rate(start, end)
     elapsed = end.time - start.time
-    cpu = run.sampler.cpu_between(start.time, end.time)
+    cpu = 0.0
+    for server in servers:
+        assert server.sampler is not None
+        cpu += server.sampler.cpu_between(start.time, end.time)
     published = published_at[1] - published_at[0]
     result = outcome.get("result")
     wait_quiet(loadgens, timeout=5.0)
@@ -443,7 +492,8 @@ def measure_fanout(run: ServerRun, loadgens: list[Loadgen], batch: int = 1) -> d
         "cpu_s_per_million": cpu / delivered * 1e6 if delivered else float("nan"),
         "loadgen_cpu_s_per_million": loadgen_cpu / delivered * 1e6 if delivered else float("nan"),
         "publish_error": result.error if result is not None else "publisher did not finish",
-        "rss": rss_bytes(run.pid),
+        "rss": sum(rss_bytes(server.pid) for server in servers),
+        "window": [start.time, end.time],
     }
 
 
@@ -669,11 +719,110 @@ def session_batched(ctx: Context, spec: ServerSpec) -> None:
             results[str(size)] = fanout
 
 
+# Scale-out setups, each measured with the same subscribers and publisher: the in-memory
+# broker (the reference), the Redis backend in one process, in two worker processes on one
+# port, and two nodes on two ports sharing Redis (subscribers split, publishing to the first).
+SCALE_SETUPS = ("memory", "redis", "workers2", "two_nodes")
+
+
+def scale_setup(
+    ctx: Context, spec: ServerSpec, setup: str, size: int, redis_url: str, redis: Sampler
+) -> dict[str, Any]:
+    """One scale-out setup at ``size`` subscribers: fan-out as fast as it is delivered
+    (single-event POSTs, as in 2a), then latency at a fixed rate as in 3b (a sampled
+    tenth reads, the others pause). With two nodes the latency is measured on the second
+    node's subscribers only: published on A, received on B."""
+    plan = ctx.plan
+    flags = list(ctx.broker_args)
+    if setup != "memory":
+        # A prefix of its own per setup: no setup reads another's stream.
+        flags += ["--redis-url", redis_url, "--redis-prefix", f"bench_{setup}_{size}"]
+    session = f"scale-{setup}-{size}"
+    runs: list[ServerRun] = []
+    try:
+        if setup == "two_nodes":
+            for node in ("a", "b"):
+                runs.append(ServerRun(ctx, spec, f"{session}-{node}", extra=flags))
+        elif setup == "workers2":
+            runs.append(
+                ServerRun(ctx, spec, session, extra=[*flags, "--workers", "2"], listeners=2)
+            )
+        else:
+            runs.append(ServerRun(ctx, spec, session, extra=flags))
+        for index, run in enumerate(runs):
+            wanted = (
+                size // len(runs) if index < len(runs) - 1 else size - size // len(runs) * index
+            )
+            while wanted > 0:
+                step = min(wanted, 5000)
+                run.add_loadgen(step, sample=plan.loadgen_sample)
+                wanted -= step
+        loadgens = [loadgen for run in runs for loadgen in run.loadgens]
+        processes = [pid for run in runs for pid in process_tree(run.pid)]
+        workers = [pid for run in runs for pid in process_tree(run.pid)[1:]]
+        fanout = measure_fanout(runs[0], loadgens, others=runs[1:])
+        # The same load per subscriber count (20,000 deliveries/s by default), light
+        # enough at 10k subscribers that no queue builds: 20 events/s at 1k, 2 at 10k.
+        rate = plan.scale_latency_rate * 1000 / max(size, 1000)
+        latency = measure_latency(runs[0], runs[-1].loadgens, rate, plan.scale_latency_seconds)
+        window = fanout["window"]
+        redis_cpu = redis.cpu_between(*window) if setup != "memory" else 0.0
+        return {
+            **fanout,
+            "redis_cpu_share": redis_cpu / (window[1] - window[0]),
+            "processes": len(processes),
+            "sockets_per_worker": [socket_count(pid) for pid in workers],
+            "latency": {key: latency[key] for key in ("samples", "p50", "p90", "p99", "max")},
+            "latency_rate": rate,
+            "latency_subscribers": latency["subscribers"],
+            "latency_delivered_share": latency["delivered_share"],
+        }
+    finally:
+        for run in reversed(runs):
+            run.close()
+
+
+def session_scaleout(ctx: Context, spec: ServerSpec) -> None:
+    """Scenario 6: the broker on the in-memory backend, on Redis, with ``--workers 2`` and
+    as two nodes, against a private ``redis-server`` started here (skipped when none is
+    installed). The setups run one after another at each size, minutes apart at most."""
+    plan = ctx.plan
+    results = ctx.results.setdefault("scaleout", {})
+    try:
+        redis, redis_port = start_redis(ctx.group)
+    except BenchError as exc:
+        ctx.results["scaleout_skipped"] = str(exc)
+        ctx.log(f"scale-out skipped: {exc}")
+        return
+    redis_url = f"redis://127.0.0.1:{redis_port}/0"
+    redis_sampler = Sampler(redis.pid)
+    try:
+        for size in plan.scale_sizes:
+            for setup in SCALE_SETUPS:
+                try:
+                    result = scale_setup(ctx, spec, setup, size, redis_url, redis_sampler)
+                except BenchError as exc:
+                    ctx.error(spec.key, f"scaleout {setup} at {size}", str(exc))
+                    continue
+                results.setdefault(setup, {})[str(size)] = result
+                ctx.log(
+                    f"scale-out {setup}, {size} subs: {result['deliveries_per_s']:,.0f}"
+                    f" deliveries/s, server CPU {result['cpu_share']:.0%} of a core over "
+                    f"{result['processes']} process(es), p50 "
+                    f"{result['latency']['p50'] * 1e3:.1f} ms p99 "
+                    f"{result['latency']['p99'] * 1e3:.1f} ms"
+                )
+    finally:
+        redis_sampler.stop()
+        ctx.group.stop(redis, grace=2.0)
+
+
 SESSIONS: dict[str, Callable[[Context, ServerSpec], None]] = {
     "large": session_large,
     "middle": session_middle,
     "batched": session_batched,
     "slow": session_slow,
+    "scaleout": session_scaleout,
 }
 
 SCENARIO_SESSIONS = {
@@ -684,6 +833,7 @@ SCENARIO_SESSIONS = {
     "fixed": "middle",
     "publish": "middle",
     "slow": "slow",
+    "scaleout": "scaleout",
 }
 
 
@@ -701,6 +851,8 @@ def shown(path: Path) -> str:
 def specs_for(session: str, specs: list[ServerSpec]) -> list[ServerSpec]:
     """The servers a session runs: the batched fan-out compares the broker with the raw
     server in its coalescing mode (when both were asked for)."""
+    if session == "scaleout":
+        return [spec for spec in specs if spec.key == "broker"]
     if session != "batched":
         return specs
     keys = {spec.key for spec in specs}
