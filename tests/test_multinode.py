@@ -23,6 +23,7 @@ import redis.asyncio
 
 from broker.subscriber import MISSED_EVENT
 from tests.conftest import BrokerProcess, RedisServer, wait_for
+from tests.test_redis_functions import channels_ready
 from tests.test_stream import RawStream
 
 StartBroker = Callable[..., BrokerProcess]
@@ -254,24 +255,6 @@ async def client_delete_library(redis_url: str, prefix: str) -> None:
         await client.function_delete(f"sse_broker_v1_{prefix}")
 
 
-async def probe_channels(client: redis.asyncio.Redis, prefix: str, node: BrokerProcess) -> None:
-    """Wait until ``node`` delivers what is PUBLISHed on its channels (see
-    ``test_redis_functions.channels_ready``: a subscription counts before it reads)."""
-    probe = await subscribe(node, "topic=probe")
-    try:
-        for _ in range(200):
-            await client.publish(f"{prefix}:topic:probe", "probe")
-            try:
-                await probe.receive(within=0.1)
-            except TimeoutError:
-                continue
-            if probe.events():
-                return
-        raise AssertionError("the node never delivered a channel message")
-    finally:
-        probe.close()
-
-
 async def test_channel_publish_reaches_every_subscriber_on_every_node_exactly_once(
     broker_process: StartBroker, redis_url: str, redis_prefix: str
 ) -> None:
@@ -279,7 +262,7 @@ async def test_channel_publish_reaches_every_subscriber_on_every_node_exactly_on
     client = redis.asyncio.Redis.from_url(redis_url)
     try:
         for node in nodes:
-            await probe_channels(client, redis_prefix, node)
+            await channels_ready(client, redis_prefix, node.port)
         streams = [
             await subscribe(node, query)
             for node in nodes
