@@ -155,7 +155,7 @@ class Subscriber(asyncio.Protocol):
         batch: list[bytes] = []
         size = 0
         for event in replay.events:
-            data = event.chunk if chunked else event.frame
+            data = event.wire(chunked)
             batch.append(data)
             size += len(data)
             if size >= REPLAY_BATCH_BYTES:
@@ -241,6 +241,7 @@ class Subscriber(asyncio.Protocol):
         if event.seq <= self._skip_through:
             return
         if self._live:
+            # Inlined Event.wire: this line runs once per delivery.
             self._send(event.chunk if self._chunked else event.frame, 1)
         elif self.close_reason is None:
             self._enqueue(event)
@@ -312,7 +313,7 @@ class Subscriber(asyncio.Protocol):
             parts.append(self._wire(notice(DROPPED_EVENT, {"dropped": report})))
         if queue:
             chunked = self._chunked
-            parts.extend(event.chunk if chunked else event.frame for event in queue)
+            parts.extend(event.wire(chunked) for event in queue)
             self._stats.delivered += len(queue)
             queue.clear()
         self._queued_bytes = 0
