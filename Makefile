@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml | $(BIN)/python
 
 run: | $(BIN)/python
 	$(BIN)/pip install --quiet -e .
-	$(BIN)/sse-broker serve $(ARGS)
+	$(BIN)/sse-broker serve --allow-anonymous-publish $(ARGS)
 
 test: $(STAMP)
 	$(BIN)/pytest

@@ -82,6 +82,7 @@ class ServerSpec:
                 str(port),
                 "--log-level",
                 "warning",
+                "--allow-anonymous-publish",
                 *extra,
             ]
         return [

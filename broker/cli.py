@@ -31,6 +31,7 @@ from typing import NoReturn
 from aiohttp import web
 
 from broker import __version__
+from broker.auth import start_warnings
 from broker.config import (
     Config,
     ConfigError,
@@ -39,8 +40,11 @@ from broker.config import (
     workers_problem,
 )
 from broker.web import create_app
+from broker.web.server import BrokerRunner
 
 logger = logging.getLogger("broker")
+
+KEEPALIVE_TIMEOUT = 75.0
 
 # Set by the supervisor in each worker's environment: the worker's number (1 to N). Not an
 # option: a worker is a serve process that shares its port (SO_REUSEPORT) on purpose.
@@ -130,8 +134,11 @@ async def serve(config: Config, *, reuse_port: bool = False) -> None:
     ``reuse_port``: listen with ``SO_REUSEPORT``, beside the other workers.
     """
     app = create_app(config)
-    runner = web.AppRunner(
+    runner = BrokerRunner(
         app,
+        header_timeout=config.header_timeout,
+        # An idle kept-alive connection holds a descriptor: release it as nginx does.
+        keepalive_timeout=KEEPALIVE_TIMEOUT,
         access_log=None,
         handler_cancellation=True,
         # Half the budget ends the streams (on_shutdown), most of the rest lets publish
@@ -152,6 +159,14 @@ async def serve(config: Config, *, reuse_port: bool = False) -> None:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     logger.info("sse-broker %s listening on http://%s:%d", __version__, config.host, config.port)
+    for warning in start_warnings(
+        host=config.host,
+        publisher_key=config.publisher_key,
+        subscriber_key=config.subscriber_key,
+        allow_anonymous_publish=config.allow_anonymous_publish,
+        allow_anonymous_subscribe=config.allow_anonymous_subscribe,
+    ):
+        logger.warning("%s", warning)
     await stop.wait()
     logger.info("stopping: ending streams, waiting up to %gs", config.shutdown_timeout)
     try:

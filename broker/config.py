@@ -18,7 +18,11 @@ import urllib.parse
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from broker.auth import key_problem
+
 ENV_PREFIX = "BROKER_"
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 class Overflow(enum.StrEnum):
@@ -54,6 +58,30 @@ class Config:
     redis_url: str | None = dataclasses.field(default=None, repr=False)
     redis_prefix: str = "sse"
     workers: int = 1
+    # Not in the repr: an HMAC key is a secret.
+    jwt_key: str | None = dataclasses.field(default=None, repr=False)
+    publisher_jwt_key: str | None = dataclasses.field(default=None, repr=False)
+    subscriber_jwt_key: str | None = dataclasses.field(default=None, repr=False)
+    jwt_algorithm: str = "HS256"
+    jwt_cookie: str = "brokerAuthorization"
+    allow_anonymous_publish: bool = False
+    allow_anonymous_subscribe: bool = True
+    max_connections_per_ip: int = 0
+    trusted_proxies: tuple[IPNetwork, ...] = ()
+    publish_rate: float = 0.0
+    publish_burst: int = 0
+    header_timeout: float = 10.0
+    body_timeout: float = 30.0
+
+    @property
+    def publisher_key(self) -> str | None:
+        """The key publishers' tokens are checked with (its own, else the shared one)."""
+        return self.publisher_jwt_key or self.jwt_key
+
+    @property
+    def subscriber_key(self) -> str | None:
+        """The key subscribers' tokens are checked with (its own, else the shared one)."""
+        return self.subscriber_jwt_key or self.jwt_key
 
 
 class ConfigError(ValueError):
@@ -157,6 +185,72 @@ def _origin(text: str) -> str:
     return value
 
 
+def _boolean(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("expected true or false")
+
+
+def _network(text: str) -> IPNetwork:
+    try:
+        return ipaddress.ip_network(text.strip(), strict=False)
+    except ValueError:
+        raise ValueError("expected an address or a CIDR block such as 10.0.0.0/8") from None
+
+
+JWT_ALGORITHMS = (
+    "HS256",
+    "HS384",
+    "HS512",
+    "RS256",
+    "RS384",
+    "RS512",
+    "PS256",
+    "PS384",
+    "PS512",
+    "ES256",
+    "ES384",
+    "ES512",
+    "EdDSA",
+)
+
+
+def _algorithm(text: str) -> str:
+    value = text.strip()
+    for name in JWT_ALGORITHMS:
+        if value.lower() == name.lower():
+            return name
+    raise ValueError(f"expected one of {', '.join(JWT_ALGORITHMS)}")
+
+
+def _key_text(text: str) -> str:
+    if not text.strip():
+        raise ValueError("must not be empty")
+    return text
+
+
+def _key_file(text: str) -> str:
+    path = text.strip()
+    try:
+        with open(path, encoding="utf-8") as file:
+            content = file.read()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"cannot read the key file: {exc}") from None
+    if not content.strip():
+        raise ValueError("the key file is empty")
+    return content.strip() + "\n" if "-----BEGIN" in content else content.strip()
+
+
+def _cookie_name(text: str) -> str:
+    value = text.strip()
+    if not re.fullmatch(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]{1,128}", value):
+        raise ValueError("expected a cookie name (letters, digits and !#$%&'*+-.^_`|~)")
+    return value
+
+
 REDIS_SCHEMES = ("redis", "rediss", "unix")
 # With Redis, the stream carries live events between nodes as well as history, so an entry
 # must outlive the read of every node's tail; fewer entries would turn ordinary bursts into
@@ -221,6 +315,13 @@ class _Option:
     help: str
     metavar: str | None = None
     repeatable: bool = False
+    # A switch: ``--flag`` / ``--no-flag`` on the command line, true/false in the environment.
+    switch: bool = False
+
+    @property
+    def dest(self) -> str:
+        """The argparse attribute: per flag, since a key and its key file share a field."""
+        return self.flag.removeprefix("--").replace("-", "_")
 
     @property
     def env(self) -> str:
@@ -340,6 +441,115 @@ _OPTIONS: tuple[_Option, ...] = (
         "processes serving the port together (SO_REUSEPORT); more than 1 needs --redis-url",
         "N",
     ),
+    _Option(
+        "--jwt-key",
+        "jwt_key",
+        _key_text,
+        "key checking publishers' and subscribers' tokens: the HMAC secret, or a PEM public "
+        "key for RS/PS/ES/EdDSA algorithms",
+        "KEY",
+    ),
+    _Option("--jwt-key-file", "jwt_key", _key_file, "--jwt-key, read from a file", "PATH"),
+    _Option(
+        "--publisher-jwt-key",
+        "publisher_jwt_key",
+        _key_text,
+        "key for publishers' tokens only (overrides --jwt-key for them)",
+        "KEY",
+    ),
+    _Option(
+        "--publisher-jwt-key-file",
+        "publisher_jwt_key",
+        _key_file,
+        "--publisher-jwt-key, read from a file",
+        "PATH",
+    ),
+    _Option(
+        "--subscriber-jwt-key",
+        "subscriber_jwt_key",
+        _key_text,
+        "key for subscribers' tokens only (overrides --jwt-key for them)",
+        "KEY",
+    ),
+    _Option(
+        "--subscriber-jwt-key-file",
+        "subscriber_jwt_key",
+        _key_file,
+        "--subscriber-jwt-key, read from a file",
+        "PATH",
+    ),
+    _Option(
+        "--jwt-algorithm",
+        "jwt_algorithm",
+        _algorithm,
+        "the one signature algorithm tokens may use",
+        "ALG",
+    ),
+    _Option(
+        "--jwt-cookie",
+        "jwt_cookie",
+        _cookie_name,
+        "name of the cookie that may carry a token",
+        "NAME",
+    ),
+    _Option(
+        "--allow-anonymous-publish",
+        "allow_anonymous_publish",
+        _boolean,
+        "let requests without a token publish to any topic",
+        switch=True,
+    ),
+    _Option(
+        "--allow-anonymous-subscribe",
+        "allow_anonymous_subscribe",
+        _boolean,
+        "let subscribers without a token receive public events",
+        switch=True,
+    ),
+    _Option(
+        "--max-connections-per-ip",
+        "max_connections_per_ip",
+        _integer(0),
+        "concurrent event streams from one client address (0 means no limit)",
+        "N",
+    ),
+    _Option(
+        "--trusted-proxy",
+        "trusted_proxies",
+        _network,
+        "proxy address or CIDR whose X-Forwarded-For names the client (repeatable)",
+        "CIDR",
+        repeatable=True,
+    ),
+    _Option(
+        "--publish-rate",
+        "publish_rate",
+        _seconds(0),
+        "events per second one token (or, without one, one client address) may publish; "
+        "0 means no limit",
+        "PER_SECOND",
+    ),
+    _Option(
+        "--publish-burst",
+        "publish_burst",
+        _integer(0),
+        "events a publisher may send at once above --publish-rate (0: one second's worth)",
+        "N",
+    ),
+    _Option(
+        "--header-timeout",
+        "header_timeout",
+        _seconds(0.01, 3600),
+        "seconds a client has to send a request's headers",
+        "SECONDS",
+    ),
+    _Option(
+        "--body-timeout",
+        "body_timeout",
+        _seconds(0.01, 86_400),
+        "seconds a publish body may take; for NDJSON streams, the longest pause between reads",
+        "SECONDS",
+    ),
 )
 
 
@@ -348,6 +558,15 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     defaults = Config()
     for option in _OPTIONS:
         default = getattr(defaults, option.field)
+        if option.switch:
+            parser.add_argument(
+                option.flag,
+                dest=option.dest,
+                action=argparse.BooleanOptionalAction,
+                default=None,
+                help=f"{option.help} (env {option.env}, default {str(default).lower()})",
+            )
+            continue
         if isinstance(default, tuple) or default is None:
             shown = "none"
         elif isinstance(default, enum.Enum):
@@ -356,7 +575,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
             shown = str(default)
         parser.add_argument(
             option.flag,
-            dest=option.field,
+            dest=option.dest,
             metavar=option.metavar,
             action="append" if option.repeatable else "store",
             default=None,
@@ -372,7 +591,7 @@ def config_from_args(args: argparse.Namespace, environ: Mapping[str, str]) -> Co
     values: dict[str, Any] = {}
     origins: dict[str, str] = {}
     for option in _OPTIONS:
-        raw: Any = getattr(args, option.field, None)
+        raw: Any = getattr(args, option.dest, None)
         source = option.flag
         if raw is None and option.env in environ:
             raw = environ[option.env]
@@ -381,6 +600,11 @@ def config_from_args(args: argparse.Namespace, environ: Mapping[str, str]) -> Co
             if option.repeatable:
                 raw = [item for item in re.split(r"[,\s]+", raw) if item]
         if raw is None:
+            continue
+        if option.field in values:
+            raise ConfigError(f"{source}: give either the key or a key file, not both")
+        if isinstance(raw, bool):
+            values[option.field] = raw
             continue
         parsed: list[Any] = []
         for item in raw if option.repeatable else [raw]:
@@ -402,6 +626,14 @@ def config_from_args(args: argparse.Namespace, environ: Mapping[str, str]) -> Co
             f"must not exceed --queue-bytes ({config.queue_bytes}"
             f"{origins.get('queue_bytes', '')}): such an event could never be queued"
         )
+    for flag, key in (
+        ("--jwt-key", config.jwt_key),
+        ("--publisher-jwt-key", config.publisher_jwt_key),
+        ("--subscriber-jwt-key", config.subscriber_jwt_key),
+    ):
+        problem = None if key is None else key_problem(key, config.jwt_algorithm)
+        if problem is not None:
+            raise ConfigError(f"{flag} (or {flag}-file): {problem}")
     return config
 
 

@@ -68,3 +68,45 @@ class Unavailable(ClientError):
 
 class TooManyConnections(Unavailable):
     code = "too_many_connections"
+
+
+class Unauthorized(ClientError):
+    """No usable token where one is needed, or a token that does not verify (RFC 6750)."""
+
+    status = 401
+    code = "unauthorized"
+
+    def __init__(self, detail: str, *, invalid_token: bool = True) -> None:
+        challenge = 'Bearer error="invalid_token"' if invalid_token else "Bearer"
+        super().__init__(detail, headers={"WWW-Authenticate": challenge})
+
+
+class Forbidden(ClientError):
+    """A valid token (or none, where none is allowed) that does not grant this."""
+
+    status = 403
+    code = "forbidden"
+
+    def __init__(self, detail: str, *, extra: dict[str, Any] | None = None) -> None:
+        super().__init__(
+            detail,
+            headers={"WWW-Authenticate": 'Bearer error="insufficient_scope"'},
+            extra=extra,
+        )
+
+
+class TooManyRequests(ClientError):
+    """A publisher over its rate; ``Retry-After`` says when its bucket holds enough again."""
+
+    status = 429
+    code = "too_many_requests"
+
+    def __init__(self, detail: str, *, retry_after: int, extra: dict[str, Any] | None = None):
+        super().__init__(detail, headers={"Retry-After": str(retry_after)}, extra=extra)
+
+
+class RequestTimeout(ClientError):
+    """A client too slow to send its request: its head, or its publish body."""
+
+    status = 408
+    code = "request_timeout"

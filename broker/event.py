@@ -12,17 +12,20 @@ reads them back rebuilds the draft with ``encode_draft``, without validating aga
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Sequence
 
 import orjson
 
 from broker import sse
 from broker.errors import InvalidEvent, PayloadTooLarge
-from broker.topics import TopicError, validate_topic
+from broker.topics import Selector, TopicError, validate_topic
 
 RESERVED_TYPE_PREFIX = "broker."
 MAX_TYPE_LENGTH = 256
 MAX_RETRY_MS = 2**31 - 1
+MAX_KEY_LENGTH = 256
+_KEY = re.compile(r"[\x21-\x7e]+")
 # Room kept for the "id: ...\n" line when a draft's size is checked against the limit.
 ID_ALLOWANCE = 64
 
@@ -36,17 +39,28 @@ class EventDraft:
     data: str = ""
     event: str | None = None
     retry: int | None = None
+    # Delivered only to subscribers whose token grants one of its topics (broker.auth).
+    private: bool = False
+    # The publisher's idempotency key: a retry with the same key gets the first id back.
+    key: str | None = None
 
 
 def encode_draft(
-    topics: tuple[str, ...], data: str, event: str | None = None, retry: int | None = None
+    topics: tuple[str, ...],
+    data: str,
+    event: str | None = None,
+    retry: int | None = None,
+    *,
+    private: bool = False,
+    key: str | None = None,
 ) -> EventDraft:
     """Encode fields that were already checked (by ``make_draft``, here or on another node).
 
     Raises ``sse.EncodingError`` or ``UnicodeEncodeError`` if they cannot be encoded after
     all, which only fields that bypassed ``make_draft`` can cause.
     """
-    return EventDraft(topics, sse.encode_body(data, event, retry), data, event, retry)
+    body = sse.encode_body(data, event, retry)
+    return EventDraft(topics, body, data, event, retry, private, key)
 
 
 @dataclasses.dataclass(slots=True, eq=False)
@@ -64,11 +78,20 @@ class Event:
     frame: bytes
     chunk: bytes
     created: float
+    private: bool = False
 
     @classmethod
     def build(cls, seq: int, event_id: str, draft: EventDraft, created: float) -> Event:
         frame = sse.encode_event(draft.body, event_id)
-        return cls(seq, event_id, draft.topics, frame, sse.as_chunk(frame), created)
+        return cls(seq, event_id, draft.topics, frame, sse.as_chunk(frame), created, draft.private)
+
+    def readable_by(self, selector: Selector, grants: Selector | None) -> bool:
+        """Whether a subscriber with ``selector`` and (for private events) ``grants``
+        should get this event; replay asks this of every event it reads."""
+        topics = self.topics
+        if not selector.matches_any(topics):
+            return False
+        return not self.private or (grants is not None and grants.matches_any(topics))
 
     def wire(self, chunked: bool) -> bytes:
         return self.chunk if chunked else self.frame
@@ -88,6 +111,8 @@ def make_draft(
     *,
     limits: EventLimits,
     default_topics: Sequence[str] = (),
+    private: object = False,
+    key: object = None,
 ) -> EventDraft:
     """Check one event's fields as a publisher sent them and encode it.
 
@@ -113,8 +138,12 @@ def make_draft(
         isinstance(retry, bool) or not isinstance(retry, int) or not 0 <= retry <= MAX_RETRY_MS
     ):
         raise InvalidEvent(f"'retry' must be an integer from 0 to {MAX_RETRY_MS}")
+    if not isinstance(private, bool):
+        raise InvalidEvent("'private' must be true or false")
+    if key is not None:
+        key = check_key(key, "'key'")
     try:
-        draft = encode_draft(topic_list, data, event, retry)
+        draft = encode_draft(topic_list, data, event, retry, private=private, key=key)
     except sse.EncodingError as exc:
         raise InvalidEvent(str(exc)) from None
     except UnicodeEncodeError:
@@ -124,6 +153,18 @@ def make_draft(
             f"encoded event is {len(draft.body)} bytes; the limit is {limits.max_event_bytes}"
         )
     return draft
+
+
+def check_key(key: object, what: str) -> str:
+    """An idempotency key: 1 to 256 printable ASCII characters, no spaces, as HTTP
+    header values and Redis key names both take them without escaping."""
+    if not isinstance(key, str) or not key:
+        raise InvalidEvent(f"{what} must be a non-empty string")
+    if len(key) > MAX_KEY_LENGTH:
+        raise InvalidEvent(f"{what} is longer than {MAX_KEY_LENGTH} characters")
+    if not _KEY.fullmatch(key):
+        raise InvalidEvent(f"{what} must be printable ASCII without spaces")
+    return key
 
 
 def _topics(topics: object, default_topics: Sequence[str], max_topics: int) -> tuple[str, ...]:

@@ -101,8 +101,9 @@ class EventLog:
             if positions.get(gone.id) == gone.seq:
                 del positions[gone.id]
 
-    def since(self, last_id: str, selector: Selector) -> Replay:
-        """Events after ``last_id`` that ``selector`` wants, oldest first.
+    def since(self, last_id: str, selector: Selector, grants: Selector | None = None) -> Replay:
+        """Events after ``last_id`` that ``selector`` wants and ``grants`` allow (private
+        events need them, see ``Event.readable_by``), oldest first.
 
         An id no longer (or never) in the log cannot be placed: the replay then starts at
         the oldest retained event and says ``missed``, since what came between is gone.
@@ -114,7 +115,7 @@ class EventLog:
             if last_id == self._head_id:
                 return Replay([], missed=False, through=head)
             return Replay(
-                [e for e in self._events if selector.matches_any(e.topics)],
+                [e for e in self._events if e.readable_by(selector, grants)],
                 missed=True,
                 through=head,
             )
@@ -122,7 +123,7 @@ class EventLog:
         for event in reversed(self._events):
             if event.seq <= position:
                 break
-            if selector.matches_any(event.topics):
+            if event.readable_by(selector, grants):
                 newer.append(event)
         newer.reverse()
         return Replay(newer, missed=False, through=head)

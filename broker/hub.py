@@ -23,6 +23,7 @@ class Hub:
         self._stats = stats
         self._index: TopicIndex[Subscriber] = TopicIndex()
         self._subscribers: set[Subscriber] = set()
+        self._per_peer: dict[str, int] = {}
         self._emptied: asyncio.Event | None = None
 
     @property
@@ -33,11 +34,16 @@ class Hub:
     def index_size(self) -> int:
         return len(self._index)
 
+    def connections_from(self, peer: str) -> int:
+        """Streams open from one client address (``Subscriber.peer``)."""
+        return self._per_peer.get(peer, 0)
+
     def subscribe(self, subscriber: Subscriber) -> None:
         """Register at once: from here on, every fanned-out event that matches is offered."""
         for pattern in subscriber.selector.patterns:
             self._index.add(pattern, subscriber)
         self._subscribers.add(subscriber)
+        self._per_peer[subscriber.peer] = self._per_peer.get(subscriber.peer, 0) + 1
 
     def forget(self, subscriber: Subscriber) -> None:
         """Remove a subscriber whose stream has ended and count why; safe to call twice."""
@@ -46,6 +52,11 @@ class Hub:
         self._subscribers.discard(subscriber)
         for pattern in subscriber.selector.patterns:
             self._index.remove(pattern, subscriber)
+        remaining = self._per_peer[subscriber.peer] - 1
+        if remaining:
+            self._per_peer[subscriber.peer] = remaining
+        else:
+            del self._per_peer[subscriber.peer]
         self._stats.disconnects[subscriber.close_reason or CloseReason.CLIENT] += 1
         if not self._subscribers and self._emptied is not None:
             self._emptied.set()
@@ -53,9 +64,12 @@ class Hub:
     def fan_out(self, events: Sequence[Event]) -> None:
         """Offer each event to its subscribers.
 
-        Consecutive events with the same topics go to the same subscribers, so a run of
-        them is joined into one bytes object, once, and written with one call per
-        subscriber: a batch of 100 events costs each connection one write, not 100.
+        Consecutive events with the same topics (and privacy) go to the same subscribers,
+        so a run of them is joined into one bytes object, once, and written with one call
+        per subscriber: a batch of 100 events costs each connection one write, not 100.
+
+        A private event goes only to the matching subscribers whose grants cover one of
+        its topics; the check is per subscriber, so it is made for private events only.
         """
         index = self._index
         count = len(events)
@@ -63,8 +77,9 @@ class Hub:
         while start < count:
             event = events[start]
             topics = event.topics
+            private = event.private
             end = start + 1
-            while end < count and events[end].topics == topics:
+            while end < count and events[end].topics == topics and events[end].private == private:
                 end += 1
             if len(topics) == 1:
                 found = index.match(topics[0])
@@ -72,6 +87,12 @@ class Hub:
                 found = [group for topic in topics for group in index.match(topic)]
             if found:
                 targets: Iterable[Subscriber] = found[0] if len(found) == 1 else set().union(*found)
+                if private:
+                    targets = [
+                        subscriber
+                        for subscriber in targets
+                        if subscriber.grants is not None and subscriber.grants.matches_any(topics)
+                    ]
                 if end - start == 1:
                     for subscriber in targets:
                         subscriber.offer(event)

@@ -93,6 +93,8 @@ class Subscriber(asyncio.Protocol):
         "_unreported_drops",
         "close_reason",
         "dropped",
+        "grants",
+        "peer",
         "selector",
     )
 
@@ -105,8 +107,15 @@ class Subscriber(asyncio.Protocol):
         overflow: Overflow,
         stats: Stats,
         on_lost: Callable[[Subscriber], None],
+        grants: Selector | None = None,
+        peer: str = "",
     ) -> None:
         self.selector = selector
+        # Topics whose private events this subscriber may read (its token's subscribe
+        # claim); None for an anonymous subscriber, who gets public events only.
+        self.grants = grants
+        # The client's address, for the per-address stream limit.
+        self.peer = peer
         self.dropped = 0
         self.close_reason: CloseReason | None = None
         self._max_events = max_events

@@ -21,15 +21,27 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import jwt
 import pytest
 import redis
 from aiohttp.test_utils import TestServer
+from aiohttp.web_runner import BaseRunner
 from httpx_sse import EventSource, ServerSentEvent
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from broker.config import load_config
 from broker.web import STATE, BrokerState, create_app
+from broker.web.server import BrokerRunner
+
+
+class BrokerTestServer(TestServer):
+    """aiohttp's test server on the runner ``sse-broker serve`` uses, so that tests see the
+    same connection handling (head deadline, JSON for unparsable requests)."""
+
+    async def _make_runner(self, **kwargs: Any) -> BaseRunner:
+        config = self.app[STATE].config
+        return BrokerRunner(self.app, header_timeout=config.header_timeout, **kwargs)
 
 
 @dataclasses.dataclass
@@ -51,6 +63,9 @@ def _flags(overrides: dict[str, Any]) -> list[str]:
     argv: list[str] = []
     for name, value in overrides.items():
         flag = "--" + name.replace("_", "-")
+        if isinstance(value, bool):
+            argv.append(flag if value else "--no-" + flag[2:])
+            continue
         for item in value if isinstance(value, (list, tuple)) else [value]:
             argv += [flag, str(item)]
     return argv
@@ -62,8 +77,10 @@ async def make_broker() -> AsyncIterator[BrokerFactory]:
     servers: list[TestServer] = []
 
     async def start(**overrides: Any) -> Broker:
+        # Open publishing unless a test says otherwise: most tests are not about tokens.
+        overrides.setdefault("allow_anonymous_publish", True)
         config = load_config(_flags(overrides), environ={})
-        server = TestServer(create_app(config), host="127.0.0.1")
+        server = BrokerTestServer(create_app(config), host="127.0.0.1")
         await server.start_server()
         servers.append(server)
         return Broker(server, f"http://127.0.0.1:{server.port}")
@@ -115,7 +132,10 @@ def broker_process() -> Iterator[Callable[..., BrokerProcess]]:
     started: list[BrokerProcess] = []
 
     def start(*flags: str, env: dict[str, str] | None = None) -> BrokerProcess:
+        """Flags as for ``sse-broker serve``; publishing is open unless they say otherwise."""
         port = free_port()
+        if not any("anonymous-publish" in flag for flag in flags):
+            flags = ("--allow-anonymous-publish", *flags)
         process = subprocess.Popen(
             [sys.executable, "-m", "broker", "serve", "--port", str(port), *flags],
             stdout=subprocess.PIPE,
@@ -155,6 +175,29 @@ async def publish(
     assert response.status_code == 200, response.text
     event_id: str = response.json()["id"]
     return event_id
+
+
+# An HS256 secret as long as the hash (RFC 7518 3.2), as the broker requires.
+JWT_KEY = "test-only-hmac-secret-0123456789abcdef"
+
+
+def mint(
+    key: str = JWT_KEY,
+    *,
+    publish: list[str] | None = None,
+    subscribe: list[str] | None = None,
+    claim: str = "sse",
+    algorithm: str = "HS256",
+    **claims: Any,
+) -> str:
+    """A token granting ``publish`` and ``subscribe`` patterns in ``claim`` (``sse`` or
+    Mercure's ``mercure``), signed with PyJWT as a user's application would."""
+    grants: dict[str, list[str]] = {}
+    if publish is not None:
+        grants["publish"] = publish
+    if subscribe is not None:
+        grants["subscribe"] = subscribe
+    return jwt.encode({claim: grants, **claims}, key, algorithm=algorithm)
 
 
 async def wait_for(condition: Callable[[], bool], seconds: float = 10.0) -> None:
@@ -294,9 +337,10 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
 
 
 # The broker runs on uvloop in production and on asyncio's own loop where uvloop is absent.
-# The stream take-over talks to the transport directly (set_protocol, pause/resume), where
-# the two loops differ, so the tests that exercise it run on both.
-BOTH_LOOPS_MODULES = frozenset({"test_takeover", "test_stream", "test_subscriber"})
+# The stream take-over talks to the transport directly (set_protocol, pause/resume), and
+# the server layer times and closes connections itself, where the two loops differ, so the
+# tests that exercise them run on both.
+BOTH_LOOPS_MODULES = frozenset({"test_takeover", "test_stream", "test_subscriber", "test_server"})
 
 
 def pytest_asyncio_loop_factories(

@@ -53,6 +53,22 @@ SERVE_FLAGS = {
     "--redis-url": "BROKER_REDIS_URL",
     "--redis-prefix": "BROKER_REDIS_PREFIX",
     "--workers": "BROKER_WORKERS",
+    "--jwt-key": "BROKER_JWT_KEY",
+    "--jwt-key-file": "BROKER_JWT_KEY_FILE",
+    "--publisher-jwt-key": "BROKER_PUBLISHER_JWT_KEY",
+    "--publisher-jwt-key-file": "BROKER_PUBLISHER_JWT_KEY_FILE",
+    "--subscriber-jwt-key": "BROKER_SUBSCRIBER_JWT_KEY",
+    "--subscriber-jwt-key-file": "BROKER_SUBSCRIBER_JWT_KEY_FILE",
+    "--jwt-algorithm": "BROKER_JWT_ALGORITHM",
+    "--jwt-cookie": "BROKER_JWT_COOKIE",
+    "--allow-anonymous-publish": "BROKER_ALLOW_ANONYMOUS_PUBLISH",
+    "--allow-anonymous-subscribe": "BROKER_ALLOW_ANONYMOUS_SUBSCRIBE",
+    "--max-connections-per-ip": "BROKER_MAX_CONNECTIONS_PER_IP",
+    "--trusted-proxy": "BROKER_TRUSTED_PROXY",
+    "--publish-rate": "BROKER_PUBLISH_RATE",
+    "--publish-burst": "BROKER_PUBLISH_BURST",
+    "--header-timeout": "BROKER_HEADER_TIMEOUT",
+    "--body-timeout": "BROKER_BODY_TIMEOUT",
 }
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import httpx
 from httpx_sse import aconnect_sse
 
-from tests.conftest import Broker, BrokerFactory
+from tests.conftest import JWT_KEY, Broker, BrokerFactory, events_of, mint
 
 ALLOWED = "https://app.example"
 OTHER = "https://evil.example"
@@ -235,3 +235,70 @@ async def test_same_origin_request_without_origin_header_is_untouched(
     response = await client.post(f"{broker.url}/publish", json={"topic": "t", "data": "d"})
     assert response.status_code == 200
     assert "Access-Control-Allow-Origin" not in response.headers
+
+
+async def test_a_cross_origin_subscriber_with_a_cookie_token_reads_private_events(
+    make_broker: BrokerFactory, client: httpx.AsyncClient
+) -> None:
+    """What ``new EventSource(url, {withCredentials: true})`` does: the cookie carries the
+    token, and the credentialed response names the exact origin."""
+    broker = await make_broker(cors_origin=[ALLOWED], jwt_key=JWT_KEY)
+    cookie = {"Cookie": f"brokerAuthorization={mint(subscribe=['t'])}"}
+    async with aconnect_sse(
+        client,
+        "GET",
+        f"{broker.url}/events",
+        params={"topic": "t"},
+        headers={"Origin": ALLOWED, **cookie},
+    ) as source:
+        response = source.response
+        assert response.status_code == 200
+        assert response.headers["Access-Control-Allow-Origin"] == ALLOWED
+        assert response.headers["Access-Control-Allow-Credentials"] == "true"
+        published = await client.post(
+            f"{broker.url}/publish", json={"topic": "t", "data": "secret", "private": True}
+        )
+        assert published.status_code == 200, published.text
+        event = await anext(events_of(source))
+        assert event.data == "secret"
+
+
+async def test_a_refused_token_is_readable_cross_origin(
+    make_broker: BrokerFactory, client: httpx.AsyncClient
+) -> None:
+    broker = await make_broker(
+        cors_origin=[ALLOWED], jwt_key=JWT_KEY, allow_anonymous_publish=False
+    )
+    response = await client.post(
+        f"{broker.url}/publish",
+        json={"topic": "t", "data": "d"},
+        headers={"Origin": ALLOWED, "Authorization": "Bearer junk"},
+    )
+    assert response.status_code == 401
+    assert response.json()["error"] == "unauthorized"
+    assert response.headers["Access-Control-Allow-Origin"] == ALLOWED
+    assert header_set(response, "Access-Control-Expose-Headers") >= {
+        "retry-after",
+        "www-authenticate",
+    }
+
+
+async def test_preflight_for_an_authorised_idempotent_publish(
+    make_broker: BrokerFactory, client: httpx.AsyncClient
+) -> None:
+    broker = await make_broker(cors_origin=[ALLOWED])
+    response = await client.options(
+        f"{broker.url}/publish",
+        headers={
+            "Origin": ALLOWED,
+            "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "authorization, idempotency-key, content-type",
+        },
+    )
+    assert response.status_code == 204
+    assert header_set(response, "Access-Control-Allow-Headers") >= {
+        "authorization",
+        "idempotency-key",
+        "content-type",
+    }
+    assert response.headers["Access-Control-Allow-Credentials"] == "true"

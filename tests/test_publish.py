@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import itertools
 import json
+import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -19,7 +20,8 @@ import orjson
 import pytest
 from httpx_sse import ServerSentEvent, aconnect_sse
 
-from tests.conftest import Broker, BrokerFactory, events_of, publish
+from tests.conftest import Broker, BrokerFactory, events_of, publish, wait_for
+from tests.test_server import Connection, assert_error, connected
 
 RECEIVE_TIMEOUT = 10.0
 NDJSON = {"Content-Type": "application/x-ndjson"}
@@ -314,11 +316,12 @@ async def test_form_with_repeated_topic_type_and_retry(
 
 
 async def test_form_ignores_unknown_fields(broker: Broker, client: httpx.AsyncClient) -> None:
-    """Mercure publishers send fields such as ``private`` and ``id``; they must not fail."""
+    """Mercure publishers send fields such as ``id``; they must not fail (``private`` is
+    honoured: tests/test_auth.py)."""
     async with subscribed(client, broker.url, "form") as events:
         response = await client.post(
             f"{broker.url}/publish",
-            data={"topic": "form", "data": "x", "private": "on", "id": "mine", "extra": "1"},
+            data={"topic": "form", "data": "x", "id": "mine", "extra": "1"},
         )
         assert response.status_code == 200, response.text
         (received,) = await receive(events)
@@ -827,3 +830,119 @@ async def test_json_with_charset_parameter_is_accepted(
         headers={"Content-Type": "application/json; charset=utf-8"},
     )
     assert response.status_code == 200, response.text
+
+
+# --- body deadline -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("content_type", "body"),
+    [
+        ("application/json", b'{"topic": "slow", "data": "never whole"}'),
+        ("application/x-www-form-urlencoded", b"topic=slow&data=never+whole"),
+    ],
+)
+async def test_a_body_slower_than_body_timeout_is_answered_408(
+    make_broker: BrokerFactory, content_type: str, body: bytes
+) -> None:
+    """The head promises a body and half of it comes: a raw socket, since an HTTP library
+    would not send the head without the whole body."""
+    broker = await make_broker(body_timeout=0.5)
+    async with connected(broker) as connection:
+        await connection.send(
+            b"POST /publish HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            b"Content-Type: %s\r\nContent-Length: %d\r\n\r\n%s"
+            % (content_type.encode(), len(body), body[: len(body) // 2])
+        )
+        error = assert_error(await connection.answer(), 408, "request_timeout")
+    assert "0.5 s" in error["detail"]
+    assert broker.state.stats.published == 0
+
+
+async def ndjson_head(connection: Connection) -> None:
+    await connection.send(
+        b"POST /publish HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/x-ndjson\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n"
+    )
+
+
+async def test_an_ndjson_stream_that_stalls_is_answered_408_with_the_ids_published(
+    make_broker: BrokerFactory, client: httpx.AsyncClient
+) -> None:
+    broker = await make_broker(body_timeout=0.5)
+    lines = b'{"topic": "stall", "data": "1"}\n{"topic": "stall", "data": "2"}\n'
+    async with subscribed(client, broker.url, "stall") as events, connected(broker) as connection:
+        await ndjson_head(connection)
+        await connection.send(b"%x\r\n%s\r\n" % (len(lines), lines))
+        answer = await connection.answer()
+        delivered = await receive(events, 2)
+    assert answer.status == 408, answer.body
+    body = answer.json()
+    assert set(body) == {"error", "detail", "ids"}, body
+    assert body["error"] == "request_timeout"
+    assert body["detail"].startswith("line 3: "), body["detail"]
+    assert "2 event(s) before it were published" in body["detail"]
+    assert body["ids"] == [event.id for event in delivered]
+    assert [event.data for event in delivered] == ["1", "2"]
+
+
+async def test_an_ndjson_stream_that_stalls_before_any_line_is_answered_408(
+    make_broker: BrokerFactory,
+) -> None:
+    broker = await make_broker(body_timeout=0.5)
+    async with connected(broker) as connection:
+        await ndjson_head(connection)
+        answer = await connection.answer()
+    assert answer.status == 408, answer.body
+    assert answer.json()["ids"] == []
+    assert answer.json()["detail"].startswith("line 1: ")
+
+
+async def test_an_ndjson_stream_longer_than_body_timeout_with_shorter_pauses_is_published(
+    make_broker: BrokerFactory, client: httpx.AsyncClient
+) -> None:
+    """The deadline is for each wait, not for the stream: it may last as long as it keeps
+    sending."""
+    broker = await make_broker(body_timeout=1)
+
+    async def lines() -> AsyncIterator[bytes]:
+        for number in range(8):
+            yield orjson.dumps({"topic": "paced", "data": str(number)}) + b"\n"
+            await asyncio.sleep(0.2)
+
+    async with subscribed(client, broker.url, "paced") as events:
+        response = await client.post(f"{broker.url}/publish", content=lines(), headers=NDJSON)
+        assert response.status_code == 200, response.text
+        delivered = await receive(events, 8)
+    assert response.json() == {"ids": [event.id for event in delivered]}
+    assert [event.data for event in delivered] == [str(number) for number in range(8)]
+
+
+@pytest.mark.parametrize(
+    ("content_type", "extra"),
+    [
+        ("application/json", frozenset()),
+        ("application/x-www-form-urlencoded", frozenset()),
+        ("application/x-ndjson", frozenset({"ids"})),
+    ],
+)
+async def test_a_body_that_does_not_match_its_content_encoding_is_a_400(
+    broker: Broker,
+    client: httpx.AsyncClient,
+    caplog: pytest.LogCaptureFixture,
+    content_type: str,
+    extra: frozenset[str],
+) -> None:
+    """aiohttp fails to decode it inside the handler's read: the client's error, not ours."""
+    response = await client.post(
+        f"{broker.url}/publish",
+        content=b'{"topic": "t", "data": "not gzip"}',
+        headers={"Content-Type": content_type, "Content-Encoding": "gzip"},
+    )
+    error = error_body(response, 400, "invalid_body", extra=extra)
+    assert "gzip" in error["detail"]
+    assert broker.state.stats.published == 0
+    # aiohttp meets the error again when it drains the body, then drops the connection.
+    await wait_for(lambda: not broker.server.handler.connections)
+    errors = [record.getMessage() for record in caplog.records if record.levelno >= logging.ERROR]
+    assert errors == []

@@ -137,7 +137,8 @@ def test_the_function_accepts_and_stores_exactly_what_the_http_path_does(
     [
         ((), "'topic' and 'data' are required"),
         (("t",), "'topic' and 'data' are required"),
-        (("t", "d", "", "", "extra"), "expected <topic> <data> [event] [retry]"),
+        (("t", "d", "", "", "", "extra"), "expected <topic> <data> [event] [retry] [private]"),
+        (("t", "d", "", "", "yes"), "'private' must be 1 (private), 0 or empty (public)"),
         (("", "d"), "topic must not be empty"),
         (("a\n\nb", "d"), "topic must not be empty"),
         (("a/*", "d"), "has a wildcard segment"),

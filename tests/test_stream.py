@@ -853,3 +853,19 @@ async def test_close_all_ends_open_streams_and_new_ones_still_work(
         event_id = await publish(client, broker.url, "c", "after")
         [received] = await take(events_of(source), 1)
     assert received.id == event_id
+
+
+async def test_a_last_event_id_that_is_not_utf8_is_refused(broker: Broker) -> None:
+    """Header bytes that are not UTF-8 reach the handler as lone surrogates; answering
+    ``broker.missed`` would have to quote them back, which cannot be encoded."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", broker.server.port)
+    writer.write(
+        b"GET /events?topic=x HTTP/1.1\r\nHost: t\r\nLast-Event-ID: \xff\xfe\r\n"
+        b"Connection: close\r\n\r\n"
+    )
+    await writer.drain()
+    answer = await asyncio.wait_for(reader.read(), 10)
+    writer.close()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400"), answer
+    assert orjson.loads(body)["error"] == "invalid_subscription"

@@ -8,6 +8,7 @@ Either way the hub and the handlers are the same.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Protocol
 
 from broker.event import EventDraft
@@ -16,21 +17,33 @@ from broker.hub import Hub
 from broker.topics import Selector
 
 
+class Published(list[str]):
+    """The ids of a publish, in order, and how many of them are new (``fresh``): fewer
+    than all when idempotency keys matched events published before, whose ids are
+    returned in their place. Rate limits and the published counter count only new ones."""
+
+    def __init__(self, ids: Iterable[str], fresh: int) -> None:
+        super().__init__(ids)
+        self.fresh = fresh
+
+
 class Backend(Protocol):
     async def start(self, hub: Hub) -> None:
         """Begin delivering logged events to ``hub``."""
 
     async def close(self) -> None: ...
 
-    async def publish(self, drafts: list[EventDraft]) -> list[str]:
-        """Log the drafts, in order and contiguously, and return their ids.
+    async def publish(self, drafts: list[EventDraft]) -> Published:
+        """Log the drafts, in order and contiguously, and return their ids; a draft whose
+        ``key`` was seen within the history's TTL is not logged again (see ``Published``).
 
         Must not return before the events are stored: an acknowledged event is never lost.
         Raises ``broker.errors.Unavailable`` when the log cannot be written now.
         """
 
-    async def replay(self, last_id: str, selector: Selector) -> Replay:
-        """What a subscriber resuming after ``last_id`` gets; see ``Replay``.
+    async def replay(self, last_id: str, selector: Selector, grants: Selector | None) -> Replay:
+        """What a subscriber resuming after ``last_id`` gets; see ``Replay``. Private
+        events are included only where ``grants`` (the subscriber's token) allow them.
 
         Raises ``broker.errors.Unavailable`` when the log cannot be read now.
         """

@@ -9,11 +9,15 @@ Keys (``<prefix>`` is ``--redis-prefix``):
   - ``data``: the data string;
   - ``event``: the event type, absent when there is none;
   - ``retry``: the client reconnection delay in milliseconds, in decimal, absent when
-    there is none.
+    there is none;
+  - ``private``: ``1`` for an event only entitled subscribers receive, absent otherwise.
 
   Raw fields rather than SSE bytes, so that any Redis client can read the log, and write
   it through the same checks (a later Redis Function); each node encodes an entry once,
   when it reads it.
+* ``<prefix>:key:<idempotency key>``: the id of the event published with that key, kept
+  for the history's TTL, so a retried publish on any node gets the first id back
+  (``KEYED_PUBLISH``).
 * ``<prefix>:epoch``: a random token, set by the first node that reaches this Redis. A
   node that finds another token after a reconnect knows Redis lost its data.
 * The function library ``sse_broker_v<N>_<prefix>`` with ``<prefix>_publish``, which
@@ -59,6 +63,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.typing import EncodableT, FieldT
 
 from broker import sse
+from broker.backends import Published
 from broker.backends.redis_functions import library_source
 from broker.config import Config, redacted_url
 from broker.errors import ClientError, Unavailable
@@ -81,6 +86,10 @@ CONNECT_TIMEOUT = 2.0
 BACKOFF_FIRST = 0.05
 BACKOFF_MAX = 2.0
 RETRY_AFTER = 1
+# The longest idempotency key TTL (about 31,700 years): Redis refuses an expiry that
+# overflows its 64-bit millisecond clock, and in KEYED_PUBLISH that SET fails only after
+# the XADD it keys, which would log the event and still answer 503.
+MAX_KEY_TTL_MS = 10**15
 
 _STREAM_ID = re.compile(r"([0-9]{1,20})-([0-9]{1,20})")  # ASCII digits only
 _MAX_ID_PART = 2**64 - 1
@@ -127,7 +136,42 @@ def stored_fields(draft: EventDraft) -> dict[FieldT, EncodableT]:
         fields["event"] = draft.event
     if draft.retry is not None:
         fields["retry"] = str(draft.retry)
+    if draft.private:
+        fields["private"] = "1"
     return fields
+
+
+# A batch with idempotency keys, in one atomic step: an event whose key is already
+# stored is not appended again, and its first id is returned in its place. KEYS: the log,
+# then the batch's idempotency keys. ARGV: MAXLEN, the keys' TTL in ms, then per event
+# its key's position in KEYS (0: no key), its number of fields, and the fields. Returns the
+# ids, then the number of events appended.
+KEYED_PUBLISH = """
+local maxlen, ttl = ARGV[1], ARGV[2]
+local ids, fresh, fresh_count = {}, {}, 0
+local i = 3
+while i <= #ARGV do
+  local slot, count = tonumber(ARGV[i]), tonumber(ARGV[i + 1])
+  local key = slot > 0 and KEYS[slot] or nil
+  local known = key and (fresh[key] or redis.call('GET', key))
+  if known then
+    ids[#ids + 1] = known
+  else
+    local command = {'XADD', KEYS[1], 'MAXLEN', '~', maxlen, '*'}
+    for f = i + 2, i + 1 + count do command[#command + 1] = ARGV[f] end
+    local id = redis.call(unpack(command))
+    if key then
+      redis.call('SET', key, id, 'PX', ttl)
+      fresh[key] = id
+    end
+    ids[#ids + 1] = id
+    fresh_count = fresh_count + 1
+  end
+  i = i + 2 + count
+end
+ids[#ids + 1] = fresh_count
+return ids
+"""
 
 
 class MalformedEntry(ValueError):
@@ -161,6 +205,7 @@ def entry_event(
             data.decode("utf-8"),
             None if event_type is None else event_type.decode("utf-8"),
             None if retry is None else int(retry),
+            private=fields.get(b"private") == b"1",
         )
     except ValueError as exc:  # bad UTF-8, a bad retry, a line break in the event type
         raise MalformedEntry(str(exc)) from None
@@ -187,9 +232,11 @@ class RedisBackend:
         self._url = redacted_url(url)
         self._log_key = f"{prefix}:log"
         self._epoch_key = f"{prefix}:epoch"
+        self._key_prefix = f"{prefix}:key:"
         self._channel_prefix = f"{prefix}:topic:".encode()
         self._max_events = max_events
         self._ttl = ttl
+        self._key_ttl_ms = min(max(1, round(ttl * 1000)), MAX_KEY_TTL_MS)
         self._stats = stats
         self._limits = limits
         self._library = library_source(
@@ -209,6 +256,7 @@ class RedisBackend:
             socket_timeout=COMMAND_TIMEOUT,
             socket_connect_timeout=CONNECT_TIMEOUT,
         )
+        self._keyed_publish = self._redis.register_script(KEYED_PUBLISH)
         self._tail_redis = redis.asyncio.Redis.from_url(
             url,
             protocol=2,
@@ -275,20 +323,27 @@ class RedisBackend:
 
     # -- publishing
 
-    async def publish(self, drafts: list[EventDraft]) -> list[str]:
+    async def publish(self, drafts: list[EventDraft]) -> Published:
         if not self._synced:
             # The tail would start after whatever this publish appends: refuse rather than
             # acknowledge an event this node's own subscribers would never see.
             raise Unavailable(
                 "the event log (Redis) has not been reached yet", retry_after=RETRY_AFTER
             )
-        pipe = self._redis.pipeline(transaction=True)
-        for draft in drafts:
-            pipe.xadd(
-                self._log_key, stored_fields(draft), maxlen=self._max_events, approximate=True
-            )
         try:
-            ids: list[bytes] = await pipe.execute()
+            if any(draft.key is not None for draft in drafts):
+                ids, fresh = await self._publish_keyed(drafts)
+            else:
+                pipe = self._redis.pipeline(transaction=True)
+                for draft in drafts:
+                    pipe.xadd(
+                        self._log_key,
+                        stored_fields(draft),
+                        maxlen=self._max_events,
+                        approximate=True,
+                    )
+                ids = await pipe.execute()
+                fresh = len(ids)
         except _CONNECTION_ERRORS:
             raise Unavailable(
                 "the event log (Redis) is unreachable; nothing was acknowledged",
@@ -299,12 +354,33 @@ class RedisBackend:
             raise Unavailable(
                 f"the event log (Redis) refused the write: {exc}", retry_after=RETRY_AFTER
             ) from None
-        return [entry_id.decode("ascii") for entry_id in ids]
+        return Published([entry_id.decode("ascii") for entry_id in ids], fresh)
+
+    async def _publish_keyed(self, drafts: list[EventDraft]) -> tuple[list[bytes], int]:
+        keys: list[str] = [self._log_key]
+        slots: dict[str, int] = {}
+        args: list[EncodableT] = [self._max_events, self._key_ttl_ms]
+        for draft in drafts:
+            slot = 0
+            if draft.key is not None:
+                slot = slots.get(draft.key, 0)
+                if not slot:
+                    keys.append(self._key_prefix + draft.key)
+                    slot = slots[draft.key] = len(keys)
+            fields = stored_fields(draft)
+            args += [slot, len(fields) * 2]
+            for name, value in fields.items():
+                args += [name, value]
+        reply: list[Any] = await self._keyed_publish(keys=keys, args=args)
+        return reply[:-1], int(reply[-1])
 
     # -- replay
 
-    async def replay(self, last_id: str, selector: Selector) -> Replay:
-        """Entries after ``last_id`` that ``selector`` wants, read from the stream.
+    async def replay(
+        self, last_id: str, selector: Selector, grants: Selector | None = None
+    ) -> Replay:
+        """Entries after ``last_id`` that ``selector`` wants and ``grants`` allow (see
+        ``Event.readable_by``), read from the stream.
 
         ``through`` is the stream's last-generated id when the read began, so events the
         tail offers later and the replay already holds are skipped (``skip_through``).
@@ -314,7 +390,7 @@ class RedisBackend:
         matching entry is replayed, as the in-memory log does.
         """
         try:
-            return await self._read_replay(last_id, selector)
+            return await self._read_replay(last_id, selector, grants)
         except _CONNECTION_ERRORS:
             raise Unavailable(
                 "the event log (Redis) is unreachable", retry_after=RETRY_AFTER
@@ -325,7 +401,9 @@ class RedisBackend:
                 f"the event log (Redis) refused the read: {exc}", retry_after=RETRY_AFTER
             ) from None
 
-    async def _read_replay(self, last_id: str, selector: Selector) -> Replay:
+    async def _read_replay(
+        self, last_id: str, selector: Selector, grants: Selector | None
+    ) -> Replay:
         position = parse_stream_id(last_id)
         pipe = self._redis.pipeline(transaction=True)
         pipe.xinfo_stream(self._log_key)
@@ -346,11 +424,13 @@ class RedisBackend:
         if position == head:
             return Replay([], missed=False, through=through)
         retained = position is not None and position < head and bool(results[1])
-        events, gap = await self._read_range(last_id if retained else None, head_id, selector)
+        events, gap = await self._read_range(
+            last_id if retained else None, head_id, selector, grants
+        )
         return Replay(events, missed=not retained or gap, through=through)
 
     async def _read_range(
-        self, after: str | None, head_id: str, selector: Selector
+        self, after: str | None, head_id: str, selector: Selector, grants: Selector | None
     ) -> tuple[list[Event], bool]:
         """Matching entries after ``after`` (or from the oldest) up to ``head_id``, in
         batches; and whether the stream was trimmed past the read while it went on."""
@@ -377,7 +457,9 @@ class RedisBackend:
                 try:
                     topics = entry_topics(fields)
                     if selector.matches_any(topics):
-                        events.append(entry_event(entry_id, fields, topics, created))
+                        event = entry_event(entry_id, fields, topics, created)
+                        if event.readable_by(selector, grants):
+                            events.append(event)
                 except MalformedEntry as exc:
                     logger.warning("skipping stream entry %s: %s", entry_id, exc)
             if len(batch) < REPLAY_BATCH:
@@ -501,6 +583,7 @@ class RedisBackend:
                     fields.get("event"),
                     fields.get("retry"),
                     limits=self._limits,
+                    private=fields.get("private", False),
                 )
             else:
                 draft = make_draft(topic, text, limits=self._limits)
@@ -515,6 +598,7 @@ class RedisBackend:
             draft.body,
             sse.as_chunk(draft.body),
             time.monotonic(),
+            draft.private,
         )
         if self._hub is not None:
             self._hub.fan_out([event])

@@ -1,6 +1,6 @@
 """The Redis Function library: publishing into the log from any Redis client.
 
-``FCALL <prefix>_publish 0 <topic> <data> [event] [retry]`` appends one event to
+``FCALL <prefix>_publish 0 <topic> <data> [event] [retry] [private]`` appends one event to
 ``<prefix>:log`` and returns its id, after the checks ``broker.event.make_draft`` makes
 on the HTTP path, so an event written this way is indistinguishable from one published
 over HTTP: same fields (``stored_fields``), same ``MAXLEN ~``, same limits.
@@ -16,7 +16,8 @@ a new version must first delete the old library, whose function has the same nam
 Argument conventions, which differ from JSON only where positional arguments force it:
 ``topic`` may be several topics joined by ``\\n`` (a topic cannot contain a line feed);
 an empty ``event`` or ``retry`` means none, so that ``retry`` can be given without an
-``event``; ``retry`` is decimal digits. Lengths are counted in code points, as Python
+``event``; ``retry`` is decimal digits; ``private`` is ``1`` for a private event (``0`` or empty for
+a public one). Lengths are counted in code points, as Python
 counts them, and strings must be valid UTF-8 (no surrogates, no overlong forms).
 """
 
@@ -142,11 +143,17 @@ end
 
 local function publish(keys, args)
   if #keys ~= 0 then
-    return invalid('pass 0 keys: FCALL ' .. FUNCTION_NAME .. ' 0 <topic> <data> [event] [retry]')
+    return invalid('pass 0 keys: FCALL ' .. FUNCTION_NAME
+      .. ' 0 <topic> <data> [event] [retry] [private]')
   end
   if #args < 2 then return invalid("'topic' and 'data' are required") end
-  if #args > 4 then return invalid('expected <topic> <data> [event] [retry]') end
-  local topic_arg, data, event, retry = args[1], args[2], args[3], args[4]
+  if #args > 5 then return invalid('expected <topic> <data> [event] [retry] [private]') end
+  local topic_arg, data, event, retry, private = args[1], args[2], args[3], args[4], args[5]
+  if private == '' or private == '0' then
+    private = nil
+  elseif private and private ~= '1' then
+    return invalid("'private' must be 1 (private), 0 or empty (public)")
+  end
 
   local topics, seen = {}, {}
   for topic in (topic_arg .. '\n'):gmatch('([^\n]*)\n') do
@@ -205,6 +212,10 @@ local function publish(keys, args)
   if retry then
     command[#command + 1] = 'retry'
     command[#command + 1] = retry
+  end
+  if private then
+    command[#command + 1] = 'private'
+    command[#command + 1] = '1'
   end
   return redis.call(unpack(command))
 end

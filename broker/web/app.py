@@ -16,14 +16,16 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
+from broker.auth import Gatekeeper
 from broker.backends import Backend
 from broker.backends.memory import MemoryBackend
 from broker.backends.redis import RedisBackend
 from broker.config import Config
 from broker.event import EventLimits
 from broker.hub import Hub
+from broker.limits import PublishLimiter
 from broker.metrics import Gauges, Metrics, Stats
-from broker.web import cors, health, publish, stream
+from broker.web import cors, health, openapi, publish, stream
 from broker.web.errors import error_middleware
 from broker.web.state import STATE, BrokerState
 
@@ -42,7 +44,9 @@ def create_app(config: Config, backend: Backend | None = None) -> web.Applicatio
     )
     metrics = Metrics(stats, gauges)
     limits = EventLimits(config.max_topics, config.max_event_bytes)
-    state = BrokerState(config, hub, backend, stats, metrics, limits)
+    state = BrokerState(config, hub, backend, stats, metrics, limits, make_gatekeeper(config))
+    if config.publish_rate > 0:
+        state.publish_limiter = PublishLimiter(config.publish_rate, config.publish_burst)
 
     app = web.Application(middlewares=[error_middleware], client_max_size=config.max_body_bytes)
     app[STATE] = state
@@ -51,10 +55,22 @@ def create_app(config: Config, backend: Backend | None = None) -> web.Applicatio
     app.router.add_get("/healthz", health.handle_healthz)
     app.router.add_get("/readyz", health.handle_readyz)
     app.router.add_get("/metrics", health.handle_metrics)
+    app.router.add_get("/openapi.yaml", openapi.handle_openapi)
     cors.install(app, config.cors_origins)
     app.cleanup_ctx.append(_lifecycle)
     app.on_shutdown.append(_end_streams)
     return app
+
+
+def make_gatekeeper(config: Config) -> Gatekeeper:
+    return Gatekeeper(
+        publisher_key=config.publisher_key,
+        subscriber_key=config.subscriber_key,
+        algorithm=config.jwt_algorithm,
+        cookie=config.jwt_cookie,
+        allow_anonymous_publish=config.allow_anonymous_publish,
+        allow_anonymous_subscribe=config.allow_anonymous_subscribe,
+    )
 
 
 def make_backend(config: Config, stats: Stats) -> Backend:

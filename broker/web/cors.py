@@ -15,6 +15,8 @@ from broker.errors import OriginNotAllowed
 ALLOWED_METHODS = "GET, POST, OPTIONS"
 ALLOWED_HEADERS = "Content-Type, Last-Event-ID, Authorization, Idempotency-Key"
 PREFLIGHT_MAX_AGE = "600"
+# Response headers a page's script may read: when to retry, and why a token was refused.
+EXPOSED_HEADERS = "Retry-After, WWW-Authenticate"
 
 
 class CorsPolicy:
@@ -37,6 +39,7 @@ class CorsPolicy:
         if allowed is None:
             return
         response.headers["Access-Control-Allow-Origin"] = allowed
+        response.headers["Access-Control-Expose-Headers"] = EXPOSED_HEADERS
         if allowed != "*":
             response.headers["Access-Control-Allow-Credentials"] = "true"
 

@@ -17,6 +17,7 @@ needs no rewrapping.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
@@ -24,30 +25,38 @@ from typing import Any
 import orjson
 from aiohttp import StreamReader, web
 
+from broker.auth import Grants, check_publish
+from broker.backends import Published
 from broker.errors import (
     ClientError,
+    Forbidden,
     InvalidBody,
     InvalidEvent,
     PayloadTooLarge,
+    RequestTimeout,
+    TooManyRequests,
     Unavailable,
     UnsupportedMediaType,
 )
-from broker.event import EventDraft, EventLimits, make_draft
+from broker.event import EventDraft, EventLimits, check_key, make_draft
+from broker.limits import charge, charge_up_to, refund
 from broker.topics import TopicError, validate_topic
 from broker.web.state import STATE, BrokerState
 
 JSON_TYPES = frozenset({"application/json"})
 FORM_TYPES = frozenset({"application/x-www-form-urlencoded"})
 NDJSON_TYPES = frozenset({"application/x-ndjson", "application/jsonl", "application/jsonlines"})
-EVENT_FIELDS = frozenset({"topic", "data", "event", "retry"})
+EVENT_FIELDS = frozenset({"topic", "data", "event", "retry", "private", "key"})
 
 
 async def handle_publish(request: web.Request) -> web.Response:
     state = request.app[STATE]
+    grants = state.gatekeeper.publisher(request)
     content_type = request.content_type
     defaults = _default_topics(request, state.limits)
+    key = _idempotency_key(request)
     if content_type in NDJSON_TYPES:
-        return await _publish_ndjson(request, state, defaults)
+        return await _publish_ndjson(request, state, defaults, grants, key)
     if content_type not in JSON_TYPES and content_type not in FORM_TYPES:
         raise UnsupportedMediaType(
             f"Content-Type {content_type!r} is not accepted; use application/json, "
@@ -57,25 +66,79 @@ async def handle_publish(request: web.Request) -> web.Response:
     if length is not None and length > state.config.max_body_bytes:
         raise PayloadTooLarge(f"body is {length} bytes; the limit is {state.config.max_body_bytes}")
     try:
-        if content_type in FORM_TYPES:
-            drafts = [await _form_draft(request, state.limits, defaults)]
-            single = True
-        else:
-            drafts, single = _json_drafts(await request.read(), state.limits, defaults)
+        async with asyncio.timeout(state.config.body_timeout):
+            if content_type in FORM_TYPES:
+                drafts = [await _form_draft(request, state.limits, defaults)]
+                single = True
+            else:
+                drafts, single = _json_drafts(await request.read(), state.limits, defaults)
     except web.HTTPRequestEntityTooLarge:
         raise PayloadTooLarge(
             f"the body is larger than the limit of {state.config.max_body_bytes} bytes"
         ) from None
-    ids = await _publish(state, drafts)
+    except TimeoutError:
+        raise RequestTimeout(
+            f"the body did not arrive within {state.config.body_timeout:g} s"
+        ) from None
+    except web.RequestPayloadError as exc:
+        raise InvalidBody(_unreadable(exc)) from None
+    _apply_key(drafts, key, None if single else 0)
+    check_publish(grants, (draft.topics for draft in drafts))
+    subject = None if grants is None else grants.subject
+    _scope_keys(drafts, subject)
+    charge(request, state, subject, len(drafts))
+    ids = await _publish(request, state, drafts, subject)
     return web.json_response({"id": ids[0]} if single else {"ids": ids})
 
 
-async def _publish(state: BrokerState, drafts: list[EventDraft]) -> list[str]:
+def _idempotency_key(request: web.Request) -> str | None:
+    values = request.headers.getall("Idempotency-Key", [])
+    if not values:
+        return None
+    if len(values) > 1:
+        raise InvalidEvent("give one Idempotency-Key header")
+    return check_key(values[0], "the Idempotency-Key header")
+
+
+def _apply_key(drafts: list[EventDraft], key: str | None, batch_start: int | None) -> None:
+    """Give drafts without a ``key`` of their own the request's ``Idempotency-Key``.
+
+    A single event (``batch_start`` None) takes the key as it is; event ``i`` of an array
+    or of an NDJSON stream (whose reads start at ``batch_start``) takes ``<key>#<i>``, so a
+    retried batch is recognised event by event.
+    """
+    if key is None:
+        return
+    for position, draft in enumerate(drafts):
+        if draft.key is None:
+            draft.key = key if batch_start is None else f"{key}#{batch_start + position}"
+
+
+def _scope_keys(drafts: list[EventDraft], subject: str | None) -> None:
+    """Keep each token subject's idempotency keys apart, so that one publisher cannot
+    claim (and so suppress) another's key, or learn its event ids by guessing keys."""
+    if subject is None:
+        return
+    for draft in drafts:
+        if draft.key is not None:
+            draft.key = f"{subject}|{draft.key}"
+
+
+async def _publish(
+    request: web.Request, state: BrokerState, drafts: list[EventDraft], subject: str | None
+) -> Published:
+    """Publish drafts already charged to the publisher's rate, and give back the charge
+    for those not logged now: retries of published events, or all when the log is down."""
     started = time.perf_counter()
-    ids = await state.backend.publish(drafts)
-    state.stats.published += len(ids)
+    try:
+        published = await state.backend.publish(drafts)
+    except Unavailable:
+        refund(request, state, subject, len(drafts))
+        raise
+    refund(request, state, subject, len(drafts) - published.fresh)
+    state.stats.published += published.fresh
     state.metrics.publish_duration.observe(time.perf_counter() - started)
-    return ids
+    return published
 
 
 def _default_topics(request: web.Request, limits: EventLimits) -> tuple[str, ...]:
@@ -105,6 +168,8 @@ def draft_from_object(
         obj.get("retry"),
         limits=limits,
         default_topics=defaults,
+        private=obj.get("private", False),
+        key=obj.get("key"),
     )
 
 
@@ -161,15 +226,28 @@ async def _form_draft(
         retry,
         limits=limits,
         default_topics=defaults,
+        private="private" in fields,
     )
 
 
-async def _lines(content: StreamReader, max_line: int) -> AsyncIterator[list[bytes]]:
+async def _lines(
+    content: StreamReader, max_line: int, max_pause: float
+) -> AsyncIterator[list[bytes]]:
     """Yield the complete lines each network read brings, never holding a line past
-    ``max_line`` bytes. A final line without a newline is still a line."""
+    ``max_line`` bytes. A final line without a newline is still a line.
+
+    A stream may last for ever, but not stall for longer than ``max_pause`` seconds between
+    reads: a publisher that stops sending would otherwise hold its connection for ever.
+    """
     pending = b""
     while True:
-        chunk = await content.readany()
+        try:
+            async with asyncio.timeout(max_pause):
+                chunk = await content.readany()
+        except TimeoutError:
+            raise RequestTimeout(f"the stream sent nothing for {max_pause:g} s") from None
+        except web.RequestPayloadError as exc:
+            raise InvalidBody(_unreadable(exc)) from None
         if not chunk:
             break
         parts = (pending + chunk).split(b"\n")
@@ -180,6 +258,13 @@ async def _lines(content: StreamReader, max_line: int) -> AsyncIterator[list[byt
             yield parts
     if pending:
         yield [pending]
+
+
+def _unreadable(exc: web.RequestPayloadError) -> str:
+    """aiohttp's reason (its last line) for a body it could not decode: bad chunking, or a
+    ``Content-Encoding`` the bytes do not match. The client's fault, so a 400, not a 500."""
+    lines = str(exc).strip().splitlines() or ["malformed"]
+    return f"the body cannot be read: {lines[-1].strip()}"
 
 
 def _ndjson_draft(line: bytes, limits: EventLimits, defaults: Sequence[str]) -> EventDraft:
@@ -204,7 +289,11 @@ def _ndjson_draft(line: bytes, limits: EventLimits, defaults: Sequence[str]) -> 
 
 
 async def _publish_ndjson(
-    request: web.Request, state: BrokerState, defaults: Sequence[str]
+    request: web.Request,
+    state: BrokerState,
+    defaults: Sequence[str],
+    grants: Grants | None,
+    key: str | None,
 ) -> web.Response:
     """Publish each network read's complete lines as one batch, as soon as they arrive.
 
@@ -214,13 +303,13 @@ async def _publish_ndjson(
     max_line = state.config.max_body_bytes
     ids: list[str] = []
     line_number = 0
-    reads = _lines(request.content, max_line)
+    reads = _lines(request.content, max_line, state.config.body_timeout)
     while True:
         try:
             lines = await anext(reads)
         except StopAsyncIteration:
             break
-        except PayloadTooLarge as exc:
+        except (PayloadTooLarge, RequestTimeout, InvalidBody) as exc:
             raise _at_line(exc, line_number + 1, ids) from None
         drafts: list[EventDraft] = []
         try:
@@ -230,33 +319,58 @@ async def _publish_ndjson(
                     raise PayloadTooLarge(f"the line is longer than {max_line} bytes")
                 line = line.rstrip(b"\r")
                 if line.strip():
-                    drafts.append(_ndjson_draft(line, state.limits, defaults))
-        except (InvalidEvent, PayloadTooLarge) as exc:
+                    draft = _ndjson_draft(line, state.limits, defaults)
+                    check_publish(grants, (draft.topics,))
+                    _apply_key([draft], key, len(ids) + len(drafts))
+                    _scope_keys([draft], None if grants is None else grants.subject)
+                    drafts.append(draft)
+        except (InvalidEvent, PayloadTooLarge, Forbidden) as exc:
             if drafts:
-                ids.extend(await _publish_read(state, drafts, ids))
+                ids.extend(await _publish_read(request, state, drafts, ids, grants))
             raise _at_line(exc, line_number, ids) from None
         if drafts:
-            ids.extend(await _publish_read(state, drafts, ids))
+            ids.extend(await _publish_read(request, state, drafts, ids, grants))
     if not ids:
         raise InvalidBody("the stream held no events")
     return web.json_response({"ids": ids})
 
 
 async def _publish_read(
-    state: BrokerState, drafts: list[EventDraft], published: list[str]
+    request: web.Request,
+    state: BrokerState,
+    drafts: list[EventDraft],
+    published: list[str],
+    grants: Grants | None,
 ) -> list[str]:
-    """Publish one read's lines; if the backend is down, say which earlier ones got in."""
-    try:
-        return await _publish(state, drafts)
-    except Unavailable as exc:
-        raise Unavailable(
-            f"{exc.detail}; the {len(published)} event(s) of earlier reads were published",
-            retry_after=int(exc.headers.get("Retry-After", "1")),
-            extra={"ids": published},
-        ) from None
+    """Publish one read's lines; if the rate or the backend stops them, say which got in.
+
+    Under ``--publish-rate`` as many lines pass as the publisher's bucket holds, and the
+    stream stops at the first that does not fit: where the network happened to cut the
+    stream into reads must not decide how much of it is published.
+    """
+    subject = None if grants is None else grants.subject
+    done: list[str] = []
+    start = 0
+    while start < len(drafts):
+        try:
+            count = charge_up_to(request, state, subject, len(drafts) - start)
+            done += await _publish(request, state, drafts[start : start + count], subject)
+        except (TooManyRequests, Unavailable) as exc:
+            so_far = [*published, *done]
+            raise type(exc)(
+                f"{exc.detail}; the {len(so_far)} event(s) before them were published",
+                retry_after=int(exc.headers.get("Retry-After", "1")),
+                extra={"ids": so_far},
+            ) from None
+        start += count
+    return done
 
 
-def _at_line(exc: InvalidEvent | PayloadTooLarge, line: int, ids: list[str]) -> ClientError:
+def _at_line(
+    exc: InvalidEvent | PayloadTooLarge | Forbidden | RequestTimeout | InvalidBody,
+    line: int,
+    ids: list[str],
+) -> ClientError:
     return type(exc)(
         f"line {line}: {exc.detail}; the {len(ids)} event(s) before it were published",
         extra={"ids": ids},

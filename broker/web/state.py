@@ -6,10 +6,12 @@ import dataclasses
 
 from aiohttp import web
 
+from broker.auth import Gatekeeper
 from broker.backends import Backend
 from broker.config import Config
 from broker.event import EventLimits
 from broker.hub import Hub
+from broker.limits import PublishLimiter
 from broker.metrics import Metrics, Stats
 
 
@@ -21,6 +23,8 @@ class BrokerState:
     stats: Stats
     metrics: Metrics
     limits: EventLimits
+    gatekeeper: Gatekeeper
+    publish_limiter: PublishLimiter | None = None
 
 
 STATE = web.AppKey("state", BrokerState)

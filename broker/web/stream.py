@@ -16,7 +16,8 @@ from aiohttp import web
 from aiohttp.http import HttpVersion11
 
 from broker import sse
-from broker.errors import InvalidSubscription, TooManyConnections, Unavailable
+from broker.errors import InvalidSubscription, TooManyConnections, TooManyRequests, Unavailable
+from broker.limits import request_address
 from broker.subscriber import CloseReason, Subscriber
 from broker.topics import Selector, TopicError, validate_pattern
 from broker.web.state import STATE
@@ -58,6 +59,13 @@ def last_event_id(request: web.Request) -> str | None:
         raise InvalidSubscription(
             f"Last-Event-ID is longer than {MAX_LAST_EVENT_ID_LENGTH} characters"
         )
+    if not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            # Header bytes that are not UTF-8 reach us as lone surrogates: no id we ever
+            # sent looks like that, and no notice could quote it back.
+            raise InvalidSubscription("Last-Event-ID is not valid UTF-8") from None
     return value
 
 
@@ -66,9 +74,18 @@ async def handle_events(request: web.Request) -> web.StreamResponse:
     config = state.config
     selector = parse_selector(request.query.getall("topic", []), config.max_topics)
     resume_from = last_event_id(request)
+    token_grants = state.gatekeeper.subscriber(request)
+    grants = None if token_grants is None else token_grants.subscribe
     if config.max_connections and state.hub.connection_count >= config.max_connections:
         raise TooManyConnections(
             f"the broker is at its limit of {config.max_connections} streams", retry_after=5
+        )
+    address = request_address(request, config.trusted_proxies)
+    per_address = config.max_connections_per_ip
+    if per_address and state.hub.connections_from(address) >= per_address:
+        raise TooManyRequests(
+            f"{address} already has {per_address} open streams, the limit per client address",
+            retry_after=5,
         )
 
     subscriber = Subscriber(
@@ -78,6 +95,8 @@ async def handle_events(request: web.Request) -> web.StreamResponse:
         overflow=config.overflow,
         stats=state.stats,
         on_lost=state.hub.forget,
+        grants=grants,
+        peer=address,
     )
     response = web.StreamResponse(headers=STREAM_HEADERS)
     chunked = request.version >= HttpVersion11
@@ -93,7 +112,7 @@ async def handle_events(request: web.Request) -> web.StreamResponse:
         await response.write(sse.encode_retry(config.retry)[:-1] + sse.encode_comment("ok"))
         drain = request.writer.drain
         if resume_from is not None:
-            replay = await state.backend.replay(resume_from, selector)
+            replay = await state.backend.replay(resume_from, selector, grants)
             await subscriber.send_replay(replay, resume_from, drain)
         await drain()
     except asyncio.CancelledError:
