@@ -96,6 +96,10 @@ class TokenChecker:
             del self._cache[token]
         if len(token) > MAX_TOKEN_LENGTH:
             raise Unauthorized(f"the token is longer than {MAX_TOKEN_LENGTH} characters")
+        if not token.isascii():
+            # A JWT is base64url and dots; other characters (undecodable header bytes
+            # among them) could not even be handed to the decoder.
+            raise Unauthorized("the token is not a JWT: it has characters outside ASCII")
         try:
             claims = jwt.decode(
                 token,

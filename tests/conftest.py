@@ -126,6 +126,21 @@ class BrokerProcess:
         return self.process.returncode, stderr
 
 
+def wait_until_healthy(handle: BrokerProcess) -> None:
+    """Wait for ``/healthz``; a broker that exits or never answers fails the test."""
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        if handle.process.poll() is not None:
+            raise RuntimeError(f"broker exited: {handle.process.communicate()[1]}")
+        try:
+            if httpx.get(f"{handle.url}/healthz", timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            time.sleep(0.05)
+    handle.process.kill()
+    raise RuntimeError("broker did not become healthy")
+
+
 @pytest.fixture
 def broker_process() -> Iterator[Callable[..., BrokerProcess]]:
     """Run ``python -m broker serve`` as a real process on a free port."""
@@ -143,21 +158,9 @@ def broker_process() -> Iterator[Callable[..., BrokerProcess]]:
             text=True,
             env={**os.environ, **(env or {})},
         )
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline:
-            if process.poll() is not None:
-                raise RuntimeError(f"broker exited: {process.communicate()[1]}")
-            try:
-                if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.05)
-        else:
-            process.kill()
-            raise RuntimeError("broker did not become healthy")
-        handle = BrokerProcess(process, url, port)
+        handle = BrokerProcess(process, f"http://127.0.0.1:{port}", port)
         started.append(handle)
+        wait_until_healthy(handle)
         return handle
 
     yield start

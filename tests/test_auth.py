@@ -528,3 +528,16 @@ async def test_subscribing_with_a_bad_token_is_401(
     )
     assert_error(response, 401, "unauthorized")
     assert broker.state.hub.connection_count == 0
+
+
+async def test_a_token_with_bytes_outside_ascii_is_401(
+    make_broker: BrokerFactory, client: httpx.AsyncClient
+) -> None:
+    """Undecodable header bytes arrive as lone surrogates; PyJWT cannot even take them."""
+    broker = await make_broker(jwt_key=JWT_KEY, allow_anonymous_publish=False)
+    response = await client.post(
+        f"{broker.url}/publish",
+        json={"topic": "a", "data": "x"},
+        headers=[(b"Authorization", b"Bearer \xffabc")],
+    )
+    assert_error(response, 401, "unauthorized")

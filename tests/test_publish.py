@@ -946,3 +946,16 @@ async def test_a_body_that_does_not_match_its_content_encoding_is_a_400(
     await wait_for(lambda: not broker.server.handler.connections)
     errors = [record.getMessage() for record in caplog.records if record.levelno >= logging.ERROR]
     assert errors == []
+
+
+async def test_a_form_in_an_unknown_charset_is_415(
+    broker: Broker, client: httpx.AsyncClient
+) -> None:
+    response = await client.post(
+        f"{broker.url}/publish",
+        content=b"topic=t&data=x",
+        headers={"Content-Type": "application/x-www-form-urlencoded; charset=bogus"},
+    )
+    assert response.status_code == 415, response.text
+    assert response.json()["error"] == "unsupported_media_type"
+    assert broker.state.stats.published == 0

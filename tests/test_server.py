@@ -354,3 +354,38 @@ async def test_mutated_requests_never_get_a_server_error(
     assert any(answer.status == 400 for answer in answers)
     errors = [record.getMessage() for record in caplog.records if record.levelno >= logging.ERROR]
     assert errors == []
+
+
+# --- answers aiohttp would otherwise give itself --------------------------------------------
+
+
+@pytest.mark.parametrize("path", [b"/publish", b"/events?topic=t", b"/no-such-path"])
+@pytest.mark.parametrize("expect", [b"x", b"\xff\xfe"])
+async def test_an_unknown_expectation_is_a_json_417_on_every_path(
+    broker: Broker, path: bytes, expect: bytes
+) -> None:
+    """aiohttp answers ``Expect`` before any middleware: plain text, or a 500 for bytes that
+    are not UTF-8, and on unknown paths too."""
+    async with connected(broker) as connection:
+        await connection.send(
+            b"POST "
+            + path
+            + b" HTTP/1.1\r\nHost: t\r\nExpect: "
+            + expect
+            + b"\r\nContent-Type: application/json\r\nContent-Length: 2\r\n"
+            b"Connection: close\r\n\r\n{}"
+        )
+        assert_error(await connection.answer(), 417, "expectation_failed")
+
+
+async def test_100_continue_still_works(broker: Broker) -> None:
+    async with connected(broker) as connection:
+        await connection.send(
+            b"POST /publish HTTP/1.1\r\nHost: t\r\nExpect: 100-continue\r\n"
+            b"Content-Type: application/json\r\nContent-Length: 27\r\nConnection: close\r\n\r\n"
+        )
+        interim = await asyncio.wait_for(connection.reader.readuntil(b"\r\n\r\n"), DEADLINE)
+        assert interim == b"HTTP/1.1 100 Continue\r\n\r\n"
+        await connection.send(b'{"topic": "t", "data": "x"}')
+        answer = await connection.answer()
+    assert answer.status == 200, answer.body

@@ -206,6 +206,10 @@ async def _form_draft(
         form = await request.post()
     except UnicodeDecodeError:
         raise InvalidBody("the form is not valid UTF-8") from None
+    except LookupError:
+        raise UnsupportedMediaType(
+            f"the form's charset {request.charset!r} is unknown; send UTF-8"
+        ) from None
     except ValueError as exc:
         raise InvalidBody(f"the form cannot be parsed: {exc}") from None
     fields: dict[str, list[str]] = {}

@@ -170,12 +170,36 @@ def _summary(message: str) -> str:
     return text or "malformed request"
 
 
+Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
+
+
+def refuse_unknown_expectations(handler: Handler) -> Handler:
+    """Answer an ``Expect`` other than ``100-continue`` with 417 before routing.
+
+    aiohttp checks ``Expect`` after routing but before any middleware, and answers itself:
+    plain text, and a 500 for a value that is not UTF-8. Checked here, every path (unknown
+    ones included) gets the JSON error; ``100-continue`` is left to aiohttp.
+    """
+
+    async def guarded(request: web.BaseRequest) -> web.StreamResponse:
+        expect = request.headers.get("Expect")
+        if expect is not None and expect.lower() != "100-continue":
+            return error_response(
+                417,
+                "expectation_failed",
+                f"unknown Expect value {expect!r}; only 100-continue is understood",
+            )
+        return await handler(request)
+
+    return guarded
+
+
 class BrokerServer(web.Server):
     """aiohttp's server, making ``BrokerRequestHandler`` protocols."""
 
     def __init__(
         self,
-        handler: Callable[[web.BaseRequest], Awaitable[web.StreamResponse]],
+        handler: Handler,
         *,
         header_timeout: float,
         **kwargs: Any,
@@ -203,7 +227,7 @@ class BrokerRunner(web.AppRunner):
         # request factory and every handler argument), rebuilt to make our protocol.
         made = await super()._make_server()
         return BrokerServer(
-            made.request_handler,
+            refuse_unknown_expectations(made.request_handler),
             request_factory=made.request_factory,
             handler_cancellation=made.handler_cancellation,
             loop=asyncio.get_running_loop(),
