@@ -81,6 +81,8 @@ FUZZ_SETTINGS = settings(
 
 # Requests sent, per test: the module's last test checks the total.
 SENT: collections.Counter[str] = collections.Counter()
+# (status, error code) of every raw answer that was an error: what the broker said back.
+ERRORS: collections.Counter[tuple[int, str]] = collections.Counter()
 MINIMUM_TOTAL = 10_000
 PUBLISH_EXAMPLES = 600
 EVENTS_EXAMPLES = 500
@@ -274,6 +276,7 @@ def check_answer(request: bytes, answer: Answer) -> None:
     assert isinstance(body, dict), shown
     assert isinstance(body.get("error"), str), shown
     assert isinstance(body.get("detail"), str), shown
+    ERRORS[answer.status, body["error"]] += 1
 
 
 # Building blocks. Topics come from a few segments, so that generated topics and patterns
@@ -583,10 +586,17 @@ def mutate(data: bytes, rng: random.Random, *, framed: bool) -> bytes:
 MUTANTS = 7  # per generated request
 
 
+PUBLISH_ANYWHERE = mint(publish=["**"])
+
+
 @st.composite
 def publish_requests(draw: st.DrawFn) -> RawRequest:
     method = draw(st.one_of(st.just(b"POST"), METHODS))
     headers = draw(st.lists(HEADERS, max_size=3))
+    # Mostly with a token that may publish anywhere, so that bodies get past the gate and
+    # their parsing is what gets fuzzed.
+    if draw(st.integers(0, 4)):
+        headers.append((b"Authorization", b"Bearer " + PUBLISH_ANYWHERE.encode()))
     content_type = draw(st.none() | CONTENT_TYPES)
     if content_type is not None:
         headers.append((b"Content-Type", content_type))
@@ -952,6 +962,8 @@ def test_volume(request: pytest.FixtureRequest, capsys: pytest.CaptureFixture[st
     summary = ", ".join(f"{name}: {count}" for name, count in sorted(SENT.items()))
     with capsys.disabled():
         print(f"\ntest_fuzz: {total} requests ({summary})")
+        shapes = ", ".join(f"{status} {code}: {n}" for (status, code), n in sorted(ERRORS.items()))
+        print(f"test_fuzz: {len(ERRORS)} distinct errors in raw answers ({shapes})")
     module_items = [item for item in request.session.items if item.path == request.node.path]
     # Each operation schemathesis fuzzes, and the five tests below its section.
     if len(module_items) < len(operations_fuzzed_by_schemathesis()) + 5:
