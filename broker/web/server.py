@@ -16,7 +16,8 @@ aiohttp answers an unparsable request (bad method or version, invalid bytes in a
 a header too long) with a text body of its own, and logs each one with a traceback; on a
 public port that is noise, not a fault. Here they get the broker's JSON error shape and a
 debug line (as does a body that does not decode, when aiohttp drains it after the handler's
-400); only a server error is still logged as one.
+400); only a server error is still logged as one. An ``Expect`` header aiohttp does not
+understand is answered 417 here too, before routing (``refuse_unknown_expectations``).
 
 aiohttp's ``AppRunner`` has no say in the protocol class, so ``BrokerRunner`` rebuilds the
 server it makes around ``BrokerRequestHandler``. The handler uses aiohttp internals (its
