@@ -32,6 +32,12 @@ from aiohttp import web
 
 from broker import __version__
 from broker.auth import start_warnings
+from broker.client_cli import COMMANDS as CLIENT_COMMANDS
+from broker.client_cli import (
+    add_client_commands,
+    run_client_command,
+    take_trailing_positionals,
+)
 from broker.config import (
     Config,
     ConfigError,
@@ -70,16 +76,22 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run the broker. Every option can also be set as BROKER_<NAME>.",
     )
     add_serve_arguments(serve)
+    add_client_commands(commands)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     arguments = list(sys.argv[1:] if argv is None else argv)
-    args = parser.parse_args(arguments)
+    args, extras = parser.parse_known_args(arguments)
+    extras = take_trailing_positionals(args, extras)
+    if extras:
+        parser.error(f"unrecognized arguments: {' '.join(extras)}")
     if args.command is None:
         parser.print_help(sys.stderr)
         return 2
+    if args.command in CLIENT_COMMANDS:
+        return run_client_command(parser, args, os.environ)
     try:
         config = config_from_args(args, os.environ)
     except ConfigError as exc:

@@ -72,6 +72,7 @@ class Config:
     publish_burst: int = 0
     header_timeout: float = 10.0
     body_timeout: float = 30.0
+    demo: bool = True
 
     @property
     def publisher_key(self) -> str | None:
@@ -550,6 +551,7 @@ _OPTIONS: tuple[_Option, ...] = (
         "seconds a publish body may take; for NDJSON streams, the longest pause between reads",
         "SECONDS",
     ),
+    _Option("--demo", "demo", _boolean, "serve the demo page at GET /", switch=True),
 )
 
 

@@ -69,6 +69,7 @@ SERVE_FLAGS = {
     "--publish-burst": "BROKER_PUBLISH_BURST",
     "--header-timeout": "BROKER_HEADER_TIMEOUT",
     "--body-timeout": "BROKER_BODY_TIMEOUT",
+    "--demo": "BROKER_DEMO",
 }
 
 

@@ -99,6 +99,7 @@ TESTED_ELSEWHERE = {
     "subscriber_jwt_key",
     "allow_anonymous_publish",
     "allow_anonymous_subscribe",
+    "demo",
 }
 BY_FLAG = {option.flag: option for option in OPTIONS}
 

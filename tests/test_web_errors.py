@@ -31,7 +31,7 @@ def allowed_methods(response: httpx.Response) -> set[str]:
     return {method.strip() for method in response.headers["Allow"].split(",")}
 
 
-@pytest.mark.parametrize("path", ["/", "/nope", "/events/extra", "/publish/", "/metrics/x"])
+@pytest.mark.parametrize("path", ["/x", "/nope", "/events/extra", "/publish/", "/metrics/x"])
 async def test_unknown_path_is_a_json_404(
     broker: Broker, client: httpx.AsyncClient, path: str
 ) -> None:

@@ -25,7 +25,7 @@ from broker.event import EventLimits
 from broker.hub import Hub
 from broker.limits import PublishLimiter
 from broker.metrics import Gauges, Metrics, Stats
-from broker.web import cors, health, openapi, publish, stream
+from broker.web import cors, demo, health, openapi, publish, stream
 from broker.web.errors import error_middleware
 from broker.web.state import STATE, BrokerState
 
@@ -56,6 +56,8 @@ def create_app(config: Config, backend: Backend | None = None) -> web.Applicatio
     app.router.add_get("/readyz", health.handle_readyz)
     app.router.add_get("/metrics", health.handle_metrics)
     app.router.add_get("/openapi.yaml", openapi.handle_openapi)
+    if config.demo:
+        app.router.add_get("/", demo.handle_demo)
     cors.install(app, config.cors_origins)
     app.cleanup_ctx.append(_lifecycle)
     app.on_shutdown.append(_end_streams)
