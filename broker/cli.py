@@ -10,7 +10,8 @@ each the same command in a process of its own, all listening on the port with
 The supervisor forwards SIGTERM and SIGINT to them and waits for them. A worker that dies
 on its own is not restarted: the supervisor stops the others and exits non-zero, so that
 whatever runs the broker (systemd, Kubernetes, a container runtime) sees the failure and
-restarts it whole, rather than a broker that limps on with fewer workers unnoticed.
+restarts it whole, rather than a broker that limps on with fewer workers unnoticed. A
+supervisor killed outright takes its workers with it (``_stop_with_supervisor``).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import ctypes
 import logging
 import os
 import resource
@@ -55,6 +57,10 @@ KEEPALIVE_TIMEOUT = 75.0
 # Set by the supervisor in each worker's environment: the worker's number (1 to N). Not an
 # option: a worker is a serve process that shares its port (SO_REUSEPORT) on purpose.
 WORKER_ENV = "SSE_BROKER_WORKER"
+# The supervisor's pid, so that a worker can tell whether it outlived it.
+SUPERVISOR_ENV = "SSE_BROKER_SUPERVISOR"
+# linux/prctl.h: deliver a signal to this process when its parent exits.
+PR_SET_PDEATHSIG = 1
 # Extra time a worker gets, past its own --shutdown-timeout, before the supervisor kills it.
 WORKER_STOP_GRACE = 5.0
 
@@ -107,6 +113,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         + ": %(message)s",
     )
     _raise_file_limit()
+    if worker and not _stop_with_supervisor():
+        return 1
     if config.workers > 1 and not worker:
         return supervise(config, arguments)
     try:
@@ -118,6 +126,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         return 1
     return 0
+
+
+def _stop_with_supervisor() -> bool:
+    """Have the kernel send this worker SIGTERM when its supervisor dies, however it dies.
+
+    A supervisor stopped with SIGKILL cannot forward anything: without this its workers
+    would go on serving the port, unsupervised, and a restarted supervisor would start a
+    second set beside them. SIGTERM is the graceful stop, so their streams end cleanly.
+    Returns False if the supervisor is already gone (it died before the request was made).
+    """
+    if sys.platform != "linux":
+        return True
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+        logger.warning("cannot ask to be stopped with the supervisor: errno %d", ctypes.get_errno())
+    supervisor = os.environ.get(SUPERVISOR_ENV)
+    if supervisor is not None and str(os.getppid()) != supervisor:
+        logger.error("the supervisor (pid %s) is gone; not starting", supervisor)
+        return False
+    return True
 
 
 def _raise_file_limit() -> None:
@@ -208,7 +236,7 @@ def supervise(config: Config, arguments: Sequence[str]) -> int:
             workers.append(
                 subprocess.Popen(
                     [sys.executable, "-m", "broker", *arguments],
-                    env={**os.environ, WORKER_ENV: str(number)},
+                    env={**os.environ, WORKER_ENV: str(number), SUPERVISOR_ENV: str(os.getpid())},
                 )
             )
         logger.info(

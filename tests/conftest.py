@@ -167,7 +167,7 @@ def broker_process() -> Iterator[Callable[..., BrokerProcess]]:
     for handle in started:
         if handle.process.poll() is None:
             handle.process.kill()
-            handle.process.communicate()
+        handle.process.communicate()  # also closes the pipes of one that died in the test
 
 
 async def publish(

@@ -156,3 +156,24 @@ def test_sigint_is_forwarded_like_sigterm(
     status, stderr = node.stop(signal.SIGINT)
     assert status == 0, stderr
     assert all(gone(pid) for pid in pids)
+
+
+def exited(pid: int) -> bool:
+    """Gone, or a zombie waiting for whoever adopted it to reap it."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return True
+    return "\nState:\tZ" in status
+
+
+async def test_workers_stop_when_the_supervisor_is_killed(
+    broker_process: StartBroker, redis_url: str, redis_prefix: str
+) -> None:
+    """SIGKILL leaves the supervisor no chance to forward a stop: the kernel does it."""
+    node = broker_process(
+        "--workers", "2", "--redis-url", redis_url, "--redis-prefix", redis_prefix
+    )
+    pids = workers_of(node, 2)
+    node.process.kill()
+    await wait_for(lambda: all(exited(pid) for pid in pids), READ_TIMEOUT)
