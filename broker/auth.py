@@ -80,9 +80,19 @@ def key_problem(key: str, algorithm: str) -> str | None:
 class TokenChecker:
     """Verifies tokens with one key and one algorithm, remembering recent results."""
 
-    def __init__(self, key: str, algorithm: str) -> None:
+    def __init__(
+        self, key: str, algorithm: str, *, issuer: str | None = None, audience: str | None = None
+    ) -> None:
         self._key = jwt.get_algorithm_by_name(algorithm).prepare_key(key)
         self._algorithms = [algorithm]
+        self._issuer = issuer
+        self._audience = audience
+        # ``aud`` is checked only against a configured audience: otherwise a token naming
+        # one (as every RFC 9068 access token does) would be refused for carrying it.
+        self._options: jwt.types.Options = {
+            "enforce_minimum_key_length": True,
+            "verify_aud": audience is not None,
+        }
         self._cache: OrderedDict[str, tuple[Grants, float]] = OrderedDict()
 
     def check(self, token: str) -> Grants:
@@ -105,7 +115,9 @@ class TokenChecker:
                 token,
                 self._key,
                 algorithms=self._algorithms,
-                options={"enforce_minimum_key_length": True},
+                options=self._options,
+                issuer=self._issuer,
+                audience=self._audience,
             )
         except jwt.InvalidTokenError as exc:
             raise Unauthorized(f"the token is not valid: {exc}") from None
@@ -206,11 +218,16 @@ class Gatekeeper:
         cookie: str,
         allow_anonymous_publish: bool,
         allow_anonymous_subscribe: bool,
+        issuer: str | None = None,
+        audience: str | None = None,
     ) -> None:
-        self._publishers = None if publisher_key is None else TokenChecker(publisher_key, algorithm)
-        self._subscribers = (
-            None if subscriber_key is None else TokenChecker(subscriber_key, algorithm)
-        )
+        def checker(key: str | None) -> TokenChecker | None:
+            if key is None:
+                return None
+            return TokenChecker(key, algorithm, issuer=issuer, audience=audience)
+
+        self._publishers = checker(publisher_key)
+        self._subscribers = checker(subscriber_key)
         self._cookie = cookie
         self._anonymous_publish = allow_anonymous_publish
         self._anonymous_subscribe = allow_anonymous_subscribe

@@ -64,6 +64,8 @@ class Config:
     subscriber_jwt_key: str | None = dataclasses.field(default=None, repr=False)
     jwt_algorithm: str = "HS256"
     jwt_cookie: str = "brokerAuthorization"
+    jwt_issuer: str | None = None
+    jwt_audience: str | None = None
     allow_anonymous_publish: bool = False
     allow_anonymous_subscribe: bool = True
     max_connections_per_ip: int = 0
@@ -243,6 +245,13 @@ def _key_file(text: str) -> str:
     if not content.strip():
         raise ValueError("the key file is empty")
     return content.strip() + "\n" if "-----BEGIN" in content else content.strip()
+
+
+def _claim_value(text: str) -> str:
+    value = text.strip()
+    if not value:
+        raise ValueError("must not be empty")
+    return value
 
 
 def _cookie_name(text: str) -> str:
@@ -485,6 +494,21 @@ _OPTIONS: tuple[_Option, ...] = (
         _algorithm,
         "the one signature algorithm tokens may use",
         "ALG",
+    ),
+    _Option(
+        "--jwt-issuer",
+        "jwt_issuer",
+        _claim_value,
+        "the iss claim tokens must carry (not checked when unset)",
+        "ISSUER",
+    ),
+    _Option(
+        "--jwt-audience",
+        "jwt_audience",
+        _claim_value,
+        "a value the aud claim of tokens must hold, such as the broker's URL "
+        "(not checked when unset)",
+        "AUDIENCE",
     ),
     _Option(
         "--jwt-cookie",

@@ -541,3 +541,58 @@ async def test_a_token_with_bytes_outside_ascii_is_401(
         headers=[(b"Authorization", b"Bearer \xffabc")],
     )
     assert_error(response, 401, "unauthorized")
+
+
+# --- issuer and audience ----------------------------------------------------------------
+
+
+def test_an_audience_in_the_token_is_fine_when_none_is_configured() -> None:
+    """RFC 9068 access tokens always name an audience; that alone must not refuse them."""
+    assert grants_of(mint(publish=["a"], aud="https://hub.example")).may_publish(["a"])
+
+
+@pytest.mark.parametrize(
+    ("claims", "accepted"),
+    [
+        ({"iss": "https://auth.example", "aud": "https://hub.example"}, True),
+        ({"iss": "https://auth.example", "aud": ["other", "https://hub.example"]}, True),
+        ({"iss": "https://auth.example", "aud": "https://other.example"}, False),
+        ({"iss": "https://evil.example", "aud": "https://hub.example"}, False),
+        ({"aud": "https://hub.example"}, False),
+        ({"iss": "https://auth.example"}, False),
+    ],
+)
+def test_issuer_and_audience_are_checked_when_configured(
+    claims: dict[str, Any], accepted: bool
+) -> None:
+    checker = TokenChecker(
+        JWT_KEY, "HS256", issuer="https://auth.example", audience="https://hub.example"
+    )
+    token = mint(publish=["a"], **claims)
+    if accepted:
+        assert checker.check(token).may_publish(["a"])
+    else:
+        with pytest.raises(Unauthorized):
+            checker.check(token)
+
+
+async def test_issuer_and_audience_over_http(
+    make_broker: BrokerFactory, client: httpx.AsyncClient
+) -> None:
+    broker = await make_broker(
+        jwt_key=JWT_KEY,
+        allow_anonymous_publish=False,
+        jwt_issuer="https://auth.example",
+        jwt_audience="https://hub.example",
+    )
+    event = {"topic": "a", "data": "x"}
+    good = mint(publish=["a"], iss="https://auth.example", aud="https://hub.example")
+    bad = mint(publish=["a"], iss="https://auth.example", aud="https://elsewhere.example")
+    accepted = await client.post(
+        f"{broker.url}/publish", json=event, headers={"Authorization": f"Bearer {good}"}
+    )
+    assert accepted.status_code == 200, accepted.text
+    refused = await client.post(
+        f"{broker.url}/publish", json=event, headers={"Authorization": f"Bearer {bad}"}
+    )
+    assert_error(refused, 401, "unauthorized")

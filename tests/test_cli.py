@@ -61,6 +61,8 @@ SERVE_FLAGS = {
     "--subscriber-jwt-key-file": "BROKER_SUBSCRIBER_JWT_KEY_FILE",
     "--jwt-algorithm": "BROKER_JWT_ALGORITHM",
     "--jwt-cookie": "BROKER_JWT_COOKIE",
+    "--jwt-issuer": "BROKER_JWT_ISSUER",
+    "--jwt-audience": "BROKER_JWT_AUDIENCE",
     "--allow-anonymous-publish": "BROKER_ALLOW_ANONYMOUS_PUBLISH",
     "--allow-anonymous-subscribe": "BROKER_ALLOW_ANONYMOUS_SUBSCRIBE",
     "--max-connections-per-ip": "BROKER_MAX_CONNECTIONS_PER_IP",

@@ -78,6 +78,12 @@ OPTIONS = (
     Option("--workers", "workers", 1, ("4", 4), "2"),
     Option("--jwt-algorithm", "jwt_algorithm", "HS256", ("es256", "ES256"), "HS512"),
     Option("--jwt-cookie", "jwt_cookie", "brokerAuthorization", ("session", "session"), "jwt"),
+    Option(
+        "--jwt-issuer", "jwt_issuer", None, ("https://auth.example", "https://auth.example"), "x"
+    ),
+    Option(
+        "--jwt-audience", "jwt_audience", None, ("https://hub.example", "https://hub.example"), "y"
+    ),
     Option("--max-connections-per-ip", "max_connections_per_ip", 0, ("10", 10), "1"),
     Option(
         "--trusted-proxy",
@@ -261,6 +267,8 @@ INVALID = [
     ("--workers", "1025"),
     ("--jwt-algorithm", "none"),
     ("--jwt-cookie", "a b"),
+    ("--jwt-issuer", " "),
+    ("--jwt-audience", ""),
     ("--max-connections-per-ip", "-1"),
     ("--trusted-proxy", "not-a-network"),
     ("--publish-rate", "-1"),

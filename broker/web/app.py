@@ -72,6 +72,8 @@ def make_gatekeeper(config: Config) -> Gatekeeper:
         cookie=config.jwt_cookie,
         allow_anonymous_publish=config.allow_anonymous_publish,
         allow_anonymous_subscribe=config.allow_anonymous_subscribe,
+        issuer=config.jwt_issuer,
+        audience=config.jwt_audience,
     )
 
 
