@@ -46,11 +46,13 @@ CACHE_SIZE = 4096
 @dataclasses.dataclass(frozen=True, slots=True)
 class Grants:
     """What one verified token allows. ``subject`` names the holder for rate limiting:
-    the ``sub`` claim, or a digest of the token when it has none."""
+    the ``sub`` claim, or a digest of the token when it has none. ``expires`` is its
+    ``exp`` (Unix time), after which a stream opened with it is ended."""
 
     publish: Selector
     subscribe: Selector
     subject: str
+    expires: float | None = None
 
     def may_publish(self, topics: Iterable[str]) -> bool:
         matches = self.publish.matches_any
@@ -122,11 +124,7 @@ class TokenChecker:
         except jwt.InvalidTokenError as exc:
             raise Unauthorized(f"the token is not valid: {exc}") from None
         grants = grants_from_claims(claims, token)
-        expiry = claims.get("exp")
-        if isinstance(expiry, (int, float)) and not isinstance(expiry, bool):
-            until = float(expiry)
-        else:
-            until = float("inf")
+        until = float("inf") if grants.expires is None else grants.expires
         self._cache[token] = (grants, until)
         if len(self._cache) > CACHE_SIZE:
             self._cache.popitem(last=False)
@@ -152,7 +150,10 @@ def grants_from_claims(claims: dict[str, Any], token: str) -> Grants:
     subject = claims.get("sub")
     if not isinstance(subject, str) or not subject:
         subject = "token:" + hashlib.sha256(token.encode("utf-8", "replace")).hexdigest()[:32]
-    return Grants(Selector(publish), Selector(subscribe), subject)
+    expiry = claims.get("exp")
+    # PyJWT has checked that a present exp is a number; it compares whole seconds.
+    expires = float(int(expiry)) if isinstance(expiry, (int, float)) else None
+    return Grants(Selector(publish), Selector(subscribe), subject, expires)
 
 
 def _patterns(value: object, where: str, claim: str) -> list[str]:

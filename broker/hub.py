@@ -49,6 +49,7 @@ class Hub:
         """Remove a subscriber whose stream has ended and count why; safe to call twice."""
         if subscriber not in self._subscribers:
             return
+        subscriber.disarm()
         self._subscribers.discard(subscriber)
         for pattern in subscriber.selector.patterns:
             self._index.remove(pattern, subscriber)

@@ -98,7 +98,7 @@ class _StatsCollector(Collector):
         disconnects = CounterMetricFamily(
             f"{PREFIX}_disconnects", "Event streams ended, by reason.", labels=["reason"]
         )
-        for reason in ("client", "overflow", "shutdown", "error"):
+        for reason in ("client", "overflow", "shutdown", "error", "expired"):
             disconnects.add_metric([reason], stats.disconnects[reason])
         yield disconnects
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 
@@ -42,6 +43,8 @@ class CloseReason(enum.StrEnum):
     OVERFLOW = "overflow"
     SHUTDOWN = "shutdown"
     ERROR = "error"
+    # The subscriber's token expired: it must come back with a fresh one.
+    EXPIRED = "expired"
 
 
 def notice(event_type: str, payload: dict[str, object]) -> bytes:
@@ -77,6 +80,7 @@ class Run:
 class Subscriber(asyncio.Protocol):
     __slots__ = (
         "_chunked",
+        "_expiry",
         "_live",
         "_max_bytes",
         "_max_events",
@@ -131,6 +135,7 @@ class Subscriber(asyncio.Protocol):
         self._skip_through = 0
         self._pending_missed: bytes | None = None
         self._transport: asyncio.Transport | None = None
+        self._expiry: asyncio.TimerHandle | None = None
         self._chunked = True
         self._live = False
         self._paused = False
@@ -142,6 +147,19 @@ class Subscriber(asyncio.Protocol):
     @property
     def queued(self) -> int:
         return len(self._queue) if self._queue else 0
+
+    def end_at(self, unix_time: float) -> None:
+        """End the stream when its token expires (``CloseReason.EXPIRED``): a stream must
+        not outlive the credential it was opened with. Only token holders get a timer."""
+        loop = asyncio.get_running_loop()
+        delay = max(0.0, unix_time - time.time())
+        self._expiry = loop.call_later(delay, self.close, CloseReason.EXPIRED)
+
+    def disarm(self) -> None:
+        """Cancel the expiry timer of a stream that ended; the hub calls it on ``forget``."""
+        if self._expiry is not None:
+            self._expiry.cancel()
+            self._expiry = None
 
     # -- before the take-over: the request's task writes the opening bytes and the replay
 

@@ -17,6 +17,7 @@ import jwt
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from httpx_sse import aconnect_sse
 
 from broker.auth import (
     Grants,
@@ -27,7 +28,7 @@ from broker.auth import (
 )
 from broker.config import ConfigError, load_config
 from broker.errors import Unauthorized
-from tests.conftest import JWT_KEY, Broker, BrokerFactory, mint
+from tests.conftest import JWT_KEY, Broker, BrokerFactory, events_of, mint
 
 OTHER_KEY = "another-hmac-secret-of-enough-length-42"
 
@@ -596,3 +597,34 @@ async def test_issuer_and_audience_over_http(
         f"{broker.url}/publish", json=event, headers={"Authorization": f"Bearer {bad}"}
     )
     assert_error(refused, 401, "unauthorized")
+
+
+async def test_a_stream_ends_when_its_token_expires(
+    make_broker: BrokerFactory, client: httpx.AsyncClient
+) -> None:
+    """A stream must not outlive its credential: at ``exp`` it ends cleanly, so the client
+    reconnects and has to show a fresh token. Anonymous streams are not affected."""
+    broker = await make_broker(jwt_key=JWT_KEY)
+    token = mint(subscribe=["t"], exp=int(time.time()) + 2)
+    async with (
+        aconnect_sse(
+            client, "GET", f"{broker.url}/events", params={"topic": "t", "authorization": token}
+        ) as expiring,
+        aconnect_sse(client, "GET", f"{broker.url}/events", params={"topic": "t"}) as anonymous,
+    ):
+        assert expiring.response.status_code == anonymous.response.status_code == 200
+        # The stream ends by itself: iterating it finishes instead of waiting for events.
+        received = [event async for event in events_of(expiring)]
+        assert received == []
+        assert broker.state.stats.disconnects["expired"] == 1
+        assert broker.state.hub.connection_count == 1
+        published = await client.post(f"{broker.url}/publish", json={"topic": "t", "data": "x"})
+        assert published.status_code == 200
+        assert (await anext(events_of(anonymous))).data == "x"
+    metrics = (await client.get(f"{broker.url}/metrics")).text
+    assert 'sse_broker_disconnects_total{reason="expired"} 1.0' in metrics
+    # Reconnecting with the expired token is refused.
+    response = await client.get(
+        f"{broker.url}/events", params={"topic": "t", "authorization": token}
+    )
+    assert_error(response, 401, "unauthorized")

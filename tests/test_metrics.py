@@ -28,7 +28,7 @@ COUNTER_FAMILIES = (
 )
 GAUGE_FAMILIES = ("sse_broker_connections", "sse_broker_history_events")
 HISTOGRAM_FAMILY = "sse_broker_publish_duration_seconds"
-DISCONNECT_REASONS = {"client", "overflow", "shutdown", "error"}
+DISCONNECT_REASONS = {"client", "overflow", "shutdown", "error", "expired"}
 
 
 class Scrape:

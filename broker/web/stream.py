@@ -103,6 +103,8 @@ async def handle_events(request: web.Request) -> web.StreamResponse:
     if chunked:
         response.enable_chunked_encoding()
     state.hub.subscribe(subscriber)
+    if token_grants is not None and token_grants.expires is not None:
+        subscriber.end_at(token_grants.expires)
     try:
         await response.prepare(request)
         transport = request.transport
