@@ -215,20 +215,21 @@ class Gatekeeper:
         *,
         publisher_key: str | None,
         subscriber_key: str | None,
-        algorithm: str,
+        publisher_algorithm: str,
+        subscriber_algorithm: str,
         cookie: str,
         allow_anonymous_publish: bool,
         allow_anonymous_subscribe: bool,
         issuer: str | None = None,
         audience: str | None = None,
     ) -> None:
-        def checker(key: str | None) -> TokenChecker | None:
+        def checker(key: str | None, algorithm: str) -> TokenChecker | None:
             if key is None:
                 return None
             return TokenChecker(key, algorithm, issuer=issuer, audience=audience)
 
-        self._publishers = checker(publisher_key)
-        self._subscribers = checker(subscriber_key)
+        self._publishers = checker(publisher_key, publisher_algorithm)
+        self._subscribers = checker(subscriber_key, subscriber_algorithm)
         self._cookie = cookie
         self._anonymous_publish = allow_anonymous_publish
         self._anonymous_subscribe = allow_anonymous_subscribe

@@ -63,6 +63,8 @@ class Config:
     publisher_jwt_key: str | None = dataclasses.field(default=None, repr=False)
     subscriber_jwt_key: str | None = dataclasses.field(default=None, repr=False)
     jwt_algorithm: str = "HS256"
+    publisher_jwt_algorithm: str | None = None
+    subscriber_jwt_algorithm: str | None = None
     jwt_cookie: str = "brokerAuthorization"
     jwt_issuer: str | None = None
     jwt_audience: str | None = None
@@ -85,6 +87,14 @@ class Config:
     def subscriber_key(self) -> str | None:
         """The key subscribers' tokens are checked with (its own, else the shared one)."""
         return self.subscriber_jwt_key or self.jwt_key
+
+    @property
+    def publisher_algorithm(self) -> str:
+        return self.publisher_jwt_algorithm or self.jwt_algorithm
+
+    @property
+    def subscriber_algorithm(self) -> str:
+        return self.subscriber_jwt_algorithm or self.jwt_algorithm
 
 
 class ConfigError(ValueError):
@@ -327,6 +337,9 @@ class _Option:
     repeatable: bool = False
     # A switch: ``--flag`` / ``--no-flag`` on the command line, true/false in the environment.
     switch: bool = False
+    # Another variable read when ``env`` is unset: the name a Mercure hub uses for the same
+    # setting, so that a Mercure deployment's environment works unchanged.
+    alias: str | None = None
 
     @property
     def dest(self) -> str:
@@ -466,6 +479,7 @@ _OPTIONS: tuple[_Option, ...] = (
         _key_text,
         "key for publishers' tokens only (overrides --jwt-key for them)",
         "KEY",
+        alias="MERCURE_PUBLISHER_JWT_KEY",
     ),
     _Option(
         "--publisher-jwt-key-file",
@@ -480,6 +494,7 @@ _OPTIONS: tuple[_Option, ...] = (
         _key_text,
         "key for subscribers' tokens only (overrides --jwt-key for them)",
         "KEY",
+        alias="MERCURE_SUBSCRIBER_JWT_KEY",
     ),
     _Option(
         "--subscriber-jwt-key-file",
@@ -494,6 +509,22 @@ _OPTIONS: tuple[_Option, ...] = (
         _algorithm,
         "the one signature algorithm tokens may use",
         "ALG",
+    ),
+    _Option(
+        "--publisher-jwt-algorithm",
+        "publisher_jwt_algorithm",
+        _algorithm,
+        "algorithm for publishers' tokens only (overrides --jwt-algorithm for them)",
+        "ALG",
+        alias="MERCURE_PUBLISHER_JWT_ALG",
+    ),
+    _Option(
+        "--subscriber-jwt-algorithm",
+        "subscriber_jwt_algorithm",
+        _algorithm,
+        "algorithm for subscribers' tokens only (overrides --jwt-algorithm for them)",
+        "ALG",
+        alias="MERCURE_SUBSCRIBER_JWT_ALG",
     ),
     _Option(
         "--jwt-issuer",
@@ -593,6 +624,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                 help=f"{option.help} (env {option.env}, default {str(default).lower()})",
             )
             continue
+        also = f"; Mercure's {option.alias} also works" if option.alias else ""
         if isinstance(default, tuple) or default is None:
             shown = "none"
         elif isinstance(default, enum.Enum):
@@ -605,7 +637,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
             metavar=option.metavar,
             action="append" if option.repeatable else "store",
             default=None,
-            help=f"{option.help} (env {option.env}, default {shown})",
+            help=f"{option.help} (env {option.env}, default {shown}{also})",
         )
 
 
@@ -619,10 +651,13 @@ def config_from_args(args: argparse.Namespace, environ: Mapping[str, str]) -> Co
     for option in _OPTIONS:
         raw: Any = getattr(args, option.dest, None)
         source = option.flag
-        if raw is None and option.env in environ:
-            raw = environ[option.env]
-            source = f"{option.flag} (from {option.env})"
-            origins[option.field] = f", from {option.env}"
+        variable = option.env
+        if option.env not in environ and option.alias is not None and option.alias in environ:
+            variable = option.alias
+        if raw is None and variable in environ:
+            raw = environ[variable]
+            source = f"{option.flag} (from {variable})"
+            origins[option.field] = f", from {variable}"
             if option.repeatable:
                 raw = [item for item in re.split(r"[,\s]+", raw) if item]
         if raw is None:
@@ -652,14 +687,18 @@ def config_from_args(args: argparse.Namespace, environ: Mapping[str, str]) -> Co
             f"must not exceed --queue-bytes ({config.queue_bytes}"
             f"{origins.get('queue_bytes', '')}): such an event could never be queued"
         )
-    for flag, key in (
-        ("--jwt-key", config.jwt_key),
-        ("--publisher-jwt-key", config.publisher_jwt_key),
-        ("--subscriber-jwt-key", config.subscriber_jwt_key),
+    for role, own_key in (
+        ("publisher", config.publisher_jwt_key),
+        ("subscriber", config.subscriber_jwt_key),
     ):
-        problem = None if key is None else key_problem(key, config.jwt_algorithm)
+        key = config.publisher_key if role == "publisher" else config.subscriber_key
+        algorithm = (
+            config.publisher_algorithm if role == "publisher" else config.subscriber_algorithm
+        )
+        flag = f"--{role}-jwt-key" if own_key is not None else "--jwt-key"
+        problem = None if key is None else key_problem(key, algorithm)
         if problem is not None:
-            raise ConfigError(f"{flag} (or {flag}-file): {problem}")
+            raise ConfigError(f"{flag} (or {flag}-file), for {role}s: {problem}")
     return config
 
 

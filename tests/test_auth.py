@@ -111,6 +111,65 @@ def test_keys_come_from_flags_files_and_variables(tmp_path: Path) -> None:
     assert (own.publisher_key, own.subscriber_key) == (JWT_KEY, OTHER_KEY)
 
 
+def test_mercure_environment_variables_work_unchanged() -> None:
+    """A Mercure hub's environment (its variable names, a key per role, an algorithm per
+    role) configures the broker as it configured the hub."""
+    _, public = rsa_pair()
+    config = load_config(
+        [],
+        environ={
+            "MERCURE_PUBLISHER_JWT_KEY": JWT_KEY,
+            "MERCURE_SUBSCRIBER_JWT_KEY": public,
+            "MERCURE_SUBSCRIBER_JWT_ALG": "RS256",
+        },
+    )
+    assert (config.publisher_key, config.publisher_algorithm) == (JWT_KEY, "HS256")
+    assert (config.subscriber_key, config.subscriber_algorithm) == (public, "RS256")
+    # Our own names win where both are set.
+    both = load_config(
+        [],
+        environ={"MERCURE_PUBLISHER_JWT_KEY": JWT_KEY, "BROKER_PUBLISHER_JWT_KEY": OTHER_KEY},
+    )
+    assert both.publisher_key == OTHER_KEY
+    with pytest.raises(ConfigError, match="MERCURE_PUBLISHER_JWT_ALG"):
+        load_config([], environ={"MERCURE_PUBLISHER_JWT_ALG": "none"})
+
+
+def test_a_key_that_does_not_suit_its_roles_algorithm_is_named_with_the_role() -> None:
+    with pytest.raises(ConfigError, match=r"--jwt-key .*for subscribers"):
+        load_config(["--jwt-key", JWT_KEY, "--subscriber-jwt-algorithm", "ES256"], environ={})
+
+
+async def test_each_role_checks_tokens_with_its_own_algorithm(
+    make_broker: BrokerFactory, client: httpx.AsyncClient
+) -> None:
+    private, public = rsa_pair()
+    broker = await make_broker(
+        publisher_jwt_key=public,
+        publisher_jwt_algorithm="RS256",
+        subscriber_jwt_key=JWT_KEY,
+        allow_anonymous_publish=False,
+        allow_anonymous_subscribe=False,
+    )
+    signed = mint(private, publish=["t"], algorithm="RS256")
+    published = await client.post(
+        f"{broker.url}/publish",
+        json={"topic": "t", "data": "x"},
+        headers={"Authorization": f"Bearer {signed}"},
+    )
+    assert published.status_code == 200, published.text
+    subscriber = mint(subscribe=["t"])
+    accepted = await stream_status(
+        client, broker.url, params={"topic": "t", "authorization": subscriber}
+    )
+    assert accepted.status_code == 200
+    # The publisher's RS256 token is not a subscriber token here.
+    refused = await stream_status(
+        client, broker.url, params={"topic": "t", "authorization": signed}
+    )
+    assert_error(refused, 401, "unauthorized")
+
+
 def test_a_key_and_its_key_file_together_are_refused(tmp_path: Path) -> None:
     key_file = tmp_path / "key"
     key_file.write_text(JWT_KEY)

@@ -60,6 +60,8 @@ SERVE_FLAGS = {
     "--subscriber-jwt-key": "BROKER_SUBSCRIBER_JWT_KEY",
     "--subscriber-jwt-key-file": "BROKER_SUBSCRIBER_JWT_KEY_FILE",
     "--jwt-algorithm": "BROKER_JWT_ALGORITHM",
+    "--publisher-jwt-algorithm": "BROKER_PUBLISHER_JWT_ALGORITHM",
+    "--subscriber-jwt-algorithm": "BROKER_SUBSCRIBER_JWT_ALGORITHM",
     "--jwt-cookie": "BROKER_JWT_COOKIE",
     "--jwt-issuer": "BROKER_JWT_ISSUER",
     "--jwt-audience": "BROKER_JWT_AUDIENCE",

@@ -77,6 +77,12 @@ OPTIONS = (
     Option("--redis-prefix", "redis_prefix", "sse", ("app_events", "app_events"), "other"),
     Option("--workers", "workers", 1, ("4", 4), "2"),
     Option("--jwt-algorithm", "jwt_algorithm", "HS256", ("es256", "ES256"), "HS512"),
+    Option(
+        "--publisher-jwt-algorithm", "publisher_jwt_algorithm", None, ("rs256", "RS256"), "HS512"
+    ),
+    Option(
+        "--subscriber-jwt-algorithm", "subscriber_jwt_algorithm", None, ("EdDSA", "EdDSA"), "HS384"
+    ),
     Option("--jwt-cookie", "jwt_cookie", "brokerAuthorization", ("session", "session"), "jwt"),
     Option(
         "--jwt-issuer", "jwt_issuer", None, ("https://auth.example", "https://auth.example"), "x"
@@ -266,6 +272,8 @@ INVALID = [
     ("--workers", "two"),
     ("--workers", "1025"),
     ("--jwt-algorithm", "none"),
+    ("--publisher-jwt-algorithm", "none"),
+    ("--subscriber-jwt-algorithm", "RS1"),
     ("--jwt-cookie", "a b"),
     ("--jwt-issuer", " "),
     ("--jwt-audience", ""),

@@ -68,7 +68,8 @@ def make_gatekeeper(config: Config) -> Gatekeeper:
     return Gatekeeper(
         publisher_key=config.publisher_key,
         subscriber_key=config.subscriber_key,
-        algorithm=config.jwt_algorithm,
+        publisher_algorithm=config.publisher_algorithm,
+        subscriber_algorithm=config.subscriber_algorithm,
         cookie=config.jwt_cookie,
         allow_anonymous_publish=config.allow_anonymous_publish,
         allow_anonymous_subscribe=config.allow_anonymous_subscribe,
