@@ -237,38 +237,34 @@ class Gatekeeper:
     def publisher(self, request: web.Request) -> Grants | None:
         """The publisher's grants, or None for an anonymous publisher who may publish
         anywhere; raises ``Unauthorized`` when a token is needed and missing or bad."""
-        if self._publishers is None:
-            if not self._anonymous_publish:
-                raise Unauthorized(
-                    "publishing is closed: the broker has no key to check tokens with "
-                    "(--jwt-key) and anonymous publishing is off",
-                    invalid_token=False,
-                )
-            return None
-        token = token_from(request, self._cookie)
-        if token is None:
-            if self._anonymous_publish:
-                return None
-            raise Unauthorized("publishing needs a token", invalid_token=False)
-        return self._publishers.check(token)
+        return self._grants(request, self._publishers, self._anonymous_publish, "publishing")
 
     def subscriber(self, request: web.Request) -> Grants | None:
         """The subscriber's grants, or None for an anonymous subscriber (public events
         only); raises ``Unauthorized`` when a token is needed and missing or bad."""
-        if self._subscribers is None:
-            if not self._anonymous_subscribe:
+        return self._grants(request, self._subscribers, self._anonymous_subscribe, "subscribing")
+
+    def _grants(
+        self,
+        request: web.Request,
+        checker: TokenChecker | None,
+        anonymous_allowed: bool,
+        action: str,
+    ) -> Grants | None:
+        if checker is None:
+            if not anonymous_allowed:
                 raise Unauthorized(
-                    "subscribing is closed: the broker has no key to check tokens with "
-                    "(--jwt-key) and anonymous subscribers are refused",
+                    f"{action} is closed: the broker has no key to check tokens with "
+                    f"(--jwt-key) and {action} without a token is not allowed",
                     invalid_token=False,
                 )
             return None
         token = token_from(request, self._cookie)
         if token is None:
-            if self._anonymous_subscribe:
+            if anonymous_allowed:
                 return None
-            raise Unauthorized("subscribing needs a token", invalid_token=False)
-        return self._subscribers.check(token)
+            raise Unauthorized(f"{action} needs a token", invalid_token=False)
+        return checker.check(token)
 
 
 def check_publish(grants: Grants | None, topics: Iterable[tuple[str, ...]]) -> None:
