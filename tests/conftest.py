@@ -16,9 +16,9 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import httpx
 import jwt
@@ -355,3 +355,260 @@ def pytest_asyncio_loop_factories(
     import uvloop
 
     return {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
+
+
+# --- raw sockets, for tests that must see every byte or decide when (and whether) to read
+
+PREAMBLE = b"retry: 2000\n: ok\n\n"
+
+
+async def raw_socket(
+    port: int, request: bytes, *, receive_buffer: int | None = None
+) -> socket.socket:
+    """A non-blocking socket to 127.0.0.1:``port`` that has sent ``request``. A small
+    ``receive_buffer`` (set before connecting, so the advertised window stays small) makes
+    an unread socket back up after kilobytes rather than megabytes."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setblocking(False)
+    if receive_buffer is not None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
+    loop = asyncio.get_running_loop()
+    await loop.sock_connect(sock, ("127.0.0.1", port))
+    await loop.sock_sendall(sock, request)
+    return sock
+
+
+class RawSocket:
+    """A plain socket, read only when the test says so; subclasses decide what to keep."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.eof = False
+        self.reset = False
+
+    async def send(self, data: bytes) -> None:
+        await asyncio.get_running_loop().sock_sendall(self.sock, data)
+
+    async def receive(self, within: float = 10.0) -> bool:
+        """Read what the socket has (waiting up to ``within`` seconds); False once it ended
+        (by FIN or by reset)."""
+        loop = asyncio.get_running_loop()
+        try:
+            data = await asyncio.wait_for(loop.sock_recv(self.sock, 256 * 1024), within)
+        except ConnectionResetError:
+            self.eof = self.reset = True
+            return False
+        if not data:
+            self.eof = True
+            return False
+        self._feed(data)
+        return True
+
+    def _feed(self, data: bytes) -> None:
+        raise NotImplementedError
+
+    async def read_to_end(self, within: float = 10.0) -> None:
+        while await self.receive(within):
+            pass
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+class RawConnection(RawSocket):
+    """A socket that sends one request and keeps every byte of the answer, so the whole
+    exchange can be parsed strictly afterwards."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        super().__init__(sock)
+        self.data = bytearray()
+
+    @classmethod
+    async def open(
+        cls, broker: Broker, request: bytes, *, receive_buffer: int | None = None
+    ) -> RawConnection:
+        port = broker.server.port
+        assert port is not None
+        return cls(await raw_socket(port, request, receive_buffer=receive_buffer))
+
+    @classmethod
+    async def stream(cls, broker: Broker, query: str, version: str = "1.1") -> RawConnection:
+        """``GET /events?query`` that has received its response head and opening bytes."""
+        request = f"GET /events?{query} HTTP/{version}\r\nHost: broker\r\n\r\n".encode()
+        connection = await cls.open(broker, request)
+        await connection.read_until(lambda data: PREAMBLE in data)
+        return connection
+
+    def _feed(self, data: bytes) -> None:
+        self.data += data
+
+    async def read_until(self, condition: Callable[[bytes], bool], within: float = 10.0) -> None:
+        while not condition(bytes(self.data)):
+            if not await self.receive(within):
+                raise AssertionError(f"the connection ended first: {bytes(self.data)!r}")
+
+
+@dataclasses.dataclass
+class Frame:
+    """One SSE block as it appeared on the wire, up to its blank line."""
+
+    fields: list[tuple[str, str]]
+    comments: list[str]
+
+    def last(self, name: str) -> str | None:
+        values = [value for field, value in self.fields if field == name]
+        return values[-1] if values else None
+
+    @property
+    def id(self) -> str | None:
+        return self.last("id")
+
+    @property
+    def event(self) -> str | None:
+        return self.last("event")
+
+    @property
+    def data(self) -> str | None:
+        lines = [value for field, value in self.fields if field == "data"]
+        return "\n".join(lines) if lines else None
+
+
+def parse_block(block: str) -> Frame:
+    frame = Frame([], [])
+    for line in block.split("\n"):
+        if line.startswith(":"):
+            frame.comments.append(line[1:])
+            continue
+        name, _, value = line.partition(":")
+        frame.fields.append((name, value.removeprefix(" ")))
+    return frame
+
+
+class ChunkedBody:
+    """An HTTP/1.1 chunked body decoded as it arrives.
+
+    ``complete`` tells a clean end (the zero-size terminating chunk) from a cut connection.
+    """
+
+    def __init__(self) -> None:
+        self.data = bytearray()
+        self.complete = False
+        self._pending = bytearray()
+
+    def feed(self, raw: bytes) -> None:
+        self._pending += raw
+        offset = 0
+        pending = self._pending
+        while not self.complete:
+            line_end = pending.find(b"\r\n", offset)
+            if line_end < 0:
+                break
+            size = int(bytes(pending[offset:line_end]).split(b";")[0], 16)
+            start = line_end + 2
+            if len(pending) < start + size + 2:
+                break
+            assert pending[start + size : start + size + 2] == b"\r\n", "malformed chunk"
+            if size == 0:
+                self.complete = True
+            else:
+                self.data += pending[start : start + size]
+            offset = start + size + 2
+        del pending[:offset]
+
+
+class RawStream(RawSocket):
+    """An event stream: the response head, the chunked body and its SSE blocks, decoded as
+    they arrive."""
+
+    def __init__(self, sock: socket.socket, *, http: bool = True) -> None:
+        super().__init__(sock)
+        self.status: int | None = None
+        self.headers: dict[str, str] = {}
+        self.body = ChunkedBody()
+        self.frames: list[Frame] = []
+        self._head = bytearray() if http else None
+        self._scanned = 0
+
+    @classmethod
+    async def connect(
+        cls,
+        port: int,
+        target: str,
+        *,
+        headers: Mapping[str, str] | None = None,
+        receive_buffer: int | None = None,
+    ) -> RawStream:
+        """Send ``GET target``. A small ``receive_buffer`` makes an unread socket back up
+        after kilobytes rather than megabytes."""
+        lines = [f"GET {target} HTTP/1.1", f"Host: 127.0.0.1:{port}", "Accept: text/event-stream"]
+        lines += [f"{name}: {value}" for name, value in (headers or {}).items()]
+        request = ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8")
+        return cls(await raw_socket(port, request, receive_buffer=receive_buffer))
+
+    def _feed(self, data: bytes) -> None:
+        if self._head is not None:
+            self._head += data
+            end = self._head.find(b"\r\n\r\n")
+            if end < 0:
+                return
+            status_line, *header_lines = bytes(self._head[:end]).decode("latin-1").split("\r\n")
+            self.status = int(status_line.split(" ")[1])
+            for line in header_lines:
+                name, _, value = line.partition(":")
+                self.headers[name.strip().lower()] = value.strip()
+            assert self.headers.get("transfer-encoding") == "chunked", self.headers
+            data = bytes(self._head[end + 4 :])
+            self._head = None
+        self.body.feed(data)
+        body = self.body.data
+        while (end := body.find(b"\n\n", self._scanned)) >= 0:
+            self.frames.append(parse_block(bytes(body[self._scanned : end]).decode("utf-8")))
+            self._scanned = end + 2
+
+    async def read_until(self, condition: Callable[[], bool], within: float = 10.0) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + within
+        while not condition():
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise AssertionError("condition not met in time")
+            try:
+                ended = not await self.receive(remaining)
+            except TimeoutError:
+                continue
+            if ended and not condition():
+                raise AssertionError("the stream ended before the condition was met")
+
+    def events(self) -> list[Frame]:
+        """Blocks a browser would dispatch (they carry ``data``)."""
+        return [frame for frame in self.frames if frame.data is not None]
+
+    def comment_blocks(self) -> list[Frame]:
+        return [frame for frame in self.frames if not frame.fields]
+
+
+async def open_raw(
+    broker: Broker,
+    query: str,
+    *,
+    headers: Mapping[str, str] | None = None,
+    receive_buffer: int | None = None,
+) -> RawStream:
+    """A raw stream that has received its response head and opening bytes."""
+    port = broker.server.port
+    assert port is not None
+    stream = await RawStream.connect(
+        port, f"/events?{query}", headers=headers, receive_buffer=receive_buffer
+    )
+    try:
+        await stream.read_until(lambda: bool(stream.frames))
+    except BaseException:
+        stream.close()
+        raise
+    return stream

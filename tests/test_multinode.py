@@ -22,9 +22,8 @@ import pytest
 import redis.asyncio
 
 from broker.subscriber import MISSED_EVENT
-from tests.conftest import BrokerProcess, RedisServer, wait_for
+from tests.conftest import BrokerProcess, RawStream, RedisServer, wait_for
 from tests.test_redis_functions import channels_ready
-from tests.test_stream import RawStream
 
 StartBroker = Callable[..., BrokerProcess]
 

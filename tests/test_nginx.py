@@ -25,8 +25,7 @@ import redis
 from httpx_sse import aconnect_sse
 
 from broker.subscriber import MISSED_EVENT
-from tests.conftest import BrokerProcess, free_port
-from tests.test_stream import RawStream
+from tests.conftest import BrokerProcess, RawStream, free_port
 
 NGINX = shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin:/usr/local/sbin")
 CONFIG = Path(__file__).resolve().parents[1] / "deploy" / "nginx.conf"

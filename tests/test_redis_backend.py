@@ -37,6 +37,7 @@ from broker.subscriber import MISSED_EVENT, Subscriber
 from broker.topics import Selector
 from tests.conftest import (
     BrokerFactory,
+    RawStream,
     RedisServer,
     events_of,
     free_port,
@@ -44,7 +45,6 @@ from tests.conftest import (
     wait_for,
 )
 from tests.test_metrics import scrape
-from tests.test_stream import RawStream
 
 LIMITS = EventLimits(max_topics=64, max_event_bytes=256 * 1024)
 RECEIVE_TIMEOUT = 10.0

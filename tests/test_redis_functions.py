@@ -33,8 +33,7 @@ from broker.event import MAX_RETRY_MS, Event, EventLimits, make_draft
 from broker.metrics import Stats
 from broker.subscriber import Subscriber
 from broker.topics import Selector
-from tests.conftest import BrokerFactory, RedisServer, publish, wait_for
-from tests.test_stream import RawStream
+from tests.conftest import BrokerFactory, RawStream, RedisServer, publish, wait_for
 
 SMALL = EventLimits(max_topics=3, max_event_bytes=200)
 

@@ -20,8 +20,7 @@ import httpx
 import orjson
 import pytest
 
-from tests.conftest import Broker, BrokerFactory, publish, wait_for
-from tests.test_stream import open_raw
+from tests.conftest import Broker, BrokerFactory, open_raw, publish, wait_for
 
 HEALTHZ = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
 DEADLINE = 10.0

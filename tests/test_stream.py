@@ -3,223 +3,32 @@ heartbeats, disconnects and shutdown, over real sockets on 127.0.0.1.
 
 Where the wire format is the point, events are read with httpx-sse, a parser we did not
 write. Where a test must see raw bytes or decide when (and whether) to read, it uses
-``RawStream``, a plain socket with a minimal chunked-body and SSE block reader.
+``RawStream`` (tests/conftest.py), a plain socket with a minimal chunked-body and SSE block
+reader.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import random
 import socket
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator
 
 import httpx
 import orjson
 from httpx_sse import ServerSentEvent, aconnect_sse
 
 from broker.subscriber import CloseReason, Subscriber
-from tests.conftest import Broker, BrokerFactory, events_of, publish, wait_for
-
-PREAMBLE = b"retry: 2000\n: ok\n\n"
-
-
-# --- a raw reader, for tests that must control the socket -------------------------------
-
-
-@dataclasses.dataclass
-class Frame:
-    """One SSE block as it appeared on the wire, up to its blank line."""
-
-    fields: list[tuple[str, str]]
-    comments: list[str]
-
-    def last(self, name: str) -> str | None:
-        values = [value for field, value in self.fields if field == name]
-        return values[-1] if values else None
-
-    @property
-    def id(self) -> str | None:
-        return self.last("id")
-
-    @property
-    def event(self) -> str | None:
-        return self.last("event")
-
-    @property
-    def data(self) -> str | None:
-        lines = [value for field, value in self.fields if field == "data"]
-        return "\n".join(lines) if lines else None
-
-
-def parse_block(block: str) -> Frame:
-    frame = Frame([], [])
-    for line in block.split("\n"):
-        if line.startswith(":"):
-            frame.comments.append(line[1:])
-            continue
-        name, _, value = line.partition(":")
-        frame.fields.append((name, value.removeprefix(" ")))
-    return frame
-
-
-class ChunkedBody:
-    """An HTTP/1.1 chunked body decoded as it arrives.
-
-    ``complete`` tells a clean end (the zero-size terminating chunk) from a cut connection.
-    """
-
-    def __init__(self) -> None:
-        self.data = bytearray()
-        self.complete = False
-        self._pending = bytearray()
-
-    def feed(self, raw: bytes) -> None:
-        self._pending += raw
-        offset = 0
-        pending = self._pending
-        while not self.complete:
-            line_end = pending.find(b"\r\n", offset)
-            if line_end < 0:
-                break
-            size = int(bytes(pending[offset:line_end]).split(b";")[0], 16)
-            start = line_end + 2
-            if len(pending) < start + size + 2:
-                break
-            assert pending[start + size : start + size + 2] == b"\r\n", "malformed chunk"
-            if size == 0:
-                self.complete = True
-            else:
-                self.data += pending[start : start + size]
-            offset = start + size + 2
-        del pending[:offset]
-
-
-class RawStream:
-    """An event stream on a plain non-blocking socket, read only when the test says so."""
-
-    def __init__(self, sock: socket.socket, *, http: bool = True) -> None:
-        self.sock = sock
-        self.status: int | None = None
-        self.headers: dict[str, str] = {}
-        self.body = ChunkedBody()
-        self.frames: list[Frame] = []
-        self.eof = False
-        self.reset = False
-        self._head = bytearray() if http else None
-        self._scanned = 0
-
-    @classmethod
-    async def connect(
-        cls,
-        port: int,
-        target: str,
-        *,
-        headers: Mapping[str, str] | None = None,
-        receive_buffer: int | None = None,
-    ) -> RawStream:
-        """Send ``GET target``. A small ``receive_buffer`` makes an unread socket back up
-        after kilobytes rather than megabytes."""
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setblocking(False)
-        if receive_buffer is not None:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
-        loop = asyncio.get_running_loop()
-        await loop.sock_connect(sock, ("127.0.0.1", port))
-        lines = [f"GET {target} HTTP/1.1", f"Host: 127.0.0.1:{port}", "Accept: text/event-stream"]
-        lines += [f"{name}: {value}" for name, value in (headers or {}).items()]
-        await loop.sock_sendall(sock, ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8"))
-        return cls(sock)
-
-    async def receive(self, within: float = 10.0) -> bool:
-        """Read what the socket has (waiting up to ``within`` seconds); False once it ended."""
-        loop = asyncio.get_running_loop()
-        try:
-            data = await asyncio.wait_for(loop.sock_recv(self.sock, 256 * 1024), within)
-        except ConnectionResetError:
-            self.eof = self.reset = True
-            return False
-        if not data:
-            self.eof = True
-            return False
-        self._feed(data)
-        return True
-
-    def _feed(self, data: bytes) -> None:
-        if self._head is not None:
-            self._head += data
-            end = self._head.find(b"\r\n\r\n")
-            if end < 0:
-                return
-            status_line, *header_lines = bytes(self._head[:end]).decode("latin-1").split("\r\n")
-            self.status = int(status_line.split(" ")[1])
-            for line in header_lines:
-                name, _, value = line.partition(":")
-                self.headers[name.strip().lower()] = value.strip()
-            assert self.headers.get("transfer-encoding") == "chunked", self.headers
-            data = bytes(self._head[end + 4 :])
-            self._head = None
-        self.body.feed(data)
-        body = self.body.data
-        while (end := body.find(b"\n\n", self._scanned)) >= 0:
-            self.frames.append(parse_block(bytes(body[self._scanned : end]).decode("utf-8")))
-            self._scanned = end + 2
-
-    async def read_until(self, condition: Callable[[], bool], within: float = 10.0) -> None:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + within
-        while not condition():
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                raise AssertionError("condition not met in time")
-            try:
-                ended = not await self.receive(remaining)
-            except TimeoutError:
-                continue
-            if ended and not condition():
-                raise AssertionError("the stream ended before the condition was met")
-
-    async def read_to_end(self, within: float = 10.0) -> None:
-        while await self.receive(within):
-            pass
-
-    def events(self) -> list[Frame]:
-        """Blocks a browser would dispatch (they carry ``data``)."""
-        return [frame for frame in self.frames if frame.data is not None]
-
-    def comment_blocks(self) -> list[Frame]:
-        return [frame for frame in self.frames if not frame.fields]
-
-    def close(self) -> None:
-        self.sock.close()
-
-    def __enter__(self) -> RawStream:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
-
-
-async def open_raw(
-    broker: Broker,
-    query: str,
-    *,
-    headers: Mapping[str, str] | None = None,
-    receive_buffer: int | None = None,
-) -> RawStream:
-    """A raw stream that has received its response head and opening bytes."""
-    port = broker.server.port
-    assert port is not None
-    stream = await RawStream.connect(
-        port, f"/events?{query}", headers=headers, receive_buffer=receive_buffer
-    )
-    try:
-        await stream.read_until(lambda: bool(stream.frames))
-    except BaseException:
-        stream.close()
-        raise
-    return stream
+from tests.conftest import (
+    PREAMBLE,
+    Broker,
+    BrokerFactory,
+    events_of,
+    open_raw,
+    publish,
+    wait_for,
+)
 
 
 async def scrape(client: httpx.AsyncClient, url: str) -> dict[str, float]:

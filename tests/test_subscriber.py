@@ -36,8 +36,8 @@ from broker.subscriber import (
     Subscriber,
 )
 from broker.topics import Selector
-from tests.conftest import Broker, BrokerFactory, events_of, wait_for
-from tests.test_stream import Frame, RawStream, open_raw, scrape, subscribers
+from tests.conftest import Broker, BrokerFactory, Frame, RawStream, events_of, open_raw, wait_for
+from tests.test_stream import scrape, subscribers
 
 LIMITS = EventLimits(max_topics=64, max_event_bytes=256 * 1024)
 SMALL_BUFFER = 4096

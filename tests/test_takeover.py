@@ -25,82 +25,21 @@ import pytest
 from aiohttp import web
 
 from broker.subscriber import CloseReason, Subscriber
-from tests.conftest import Broker, BrokerFactory, publish, wait_for
-from tests.test_stream import PREAMBLE, RawStream, open_raw, subscribers
+from tests.conftest import (
+    PREAMBLE,
+    Broker,
+    BrokerFactory,
+    RawConnection,
+    RawStream,
+    open_raw,
+    publish,
+    wait_for,
+)
+from tests.test_stream import subscribers
 
 LINGER_ZERO = b"\x01\x00\x00\x00\x00\x00\x00\x00"
 TERMINATOR = b"0\r\n\r\n"
 CHUNK_SIZE_LINE = re.compile(rb"([0-9a-f]+)\r\n")
-
-
-# --- a client that keeps every byte -----------------------------------------------------
-
-
-class RawConnection:
-    """A plain socket that sends one request and keeps every byte of the answer, so the
-    whole exchange can be parsed strictly afterwards."""
-
-    def __init__(self, sock: socket.socket) -> None:
-        self.sock = sock
-        self.data = bytearray()
-        self.eof = False
-        self.reset = False
-
-    @classmethod
-    async def open(
-        cls, broker: Broker, request: bytes, *, receive_buffer: int | None = None
-    ) -> RawConnection:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setblocking(False)
-        if receive_buffer is not None:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
-        loop = asyncio.get_running_loop()
-        await loop.sock_connect(sock, ("127.0.0.1", port_of(broker)))
-        await loop.sock_sendall(sock, request)
-        return cls(sock)
-
-    @classmethod
-    async def stream(cls, broker: Broker, query: str, version: str = "1.1") -> RawConnection:
-        """``GET /events?query`` that has received its response head and opening bytes."""
-        request = f"GET /events?{query} HTTP/{version}\r\nHost: broker\r\n\r\n".encode()
-        connection = await cls.open(broker, request)
-        await connection.read_until(lambda data: PREAMBLE in data)
-        return connection
-
-    async def send(self, data: bytes) -> None:
-        await asyncio.get_running_loop().sock_sendall(self.sock, data)
-
-    async def receive(self, within: float = 10.0) -> bool:
-        """Read what the socket has; False once it ended (by FIN or by reset)."""
-        loop = asyncio.get_running_loop()
-        try:
-            data = await asyncio.wait_for(loop.sock_recv(self.sock, 256 * 1024), within)
-        except ConnectionResetError:
-            self.eof = self.reset = True
-            return False
-        if not data:
-            self.eof = True
-            return False
-        self.data += data
-        return True
-
-    async def read_until(self, condition: Callable[[bytes], bool], within: float = 10.0) -> None:
-        while not condition(bytes(self.data)):
-            if not await self.receive(within):
-                raise AssertionError(f"the connection ended first: {bytes(self.data)!r}")
-
-    async def read_to_end(self, within: float = 10.0) -> None:
-        while await self.receive(within):
-            pass
-
-    def close(self) -> None:
-        self.sock.close()
-
-    def __enter__(self) -> RawConnection:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
 
 
 def split_head(raw: bytes) -> tuple[str, dict[str, str], bytes]:

@@ -19,8 +19,7 @@ import httpx
 import pytest
 
 from broker.subscriber import MISSED_EVENT
-from tests.conftest import BrokerProcess, wait_for
-from tests.test_stream import RawStream
+from tests.conftest import BrokerProcess, RawStream, wait_for
 
 StartBroker = Callable[..., BrokerProcess]
 
