@@ -82,10 +82,9 @@ async def handle_publish(request: web.Request) -> web.Response:
         ) from None
     except web.RequestPayloadError as exc:
         raise InvalidBody(_unreadable(exc)) from None
-    _apply_key(drafts, key, None if single else 0)
     check_publish(grants, (draft.topics for draft in drafts))
     subject = None if grants is None else grants.subject
-    _scope_keys(drafts, subject)
+    _assign_keys(drafts, key, None if single else 0, subject)
     charge(request, state, subject, len(drafts))
     ids = await _publish(request, state, drafts, subject)
     return web.json_response({"id": ids[0]} if single else {"ids": ids})
@@ -100,27 +99,22 @@ def _idempotency_key(request: web.Request) -> str | None:
     return check_key(values[0], "the Idempotency-Key header")
 
 
-def _apply_key(drafts: list[EventDraft], key: str | None, batch_start: int | None) -> None:
-    """Give drafts without a ``key`` of their own the request's ``Idempotency-Key``.
+def _assign_keys(
+    drafts: list[EventDraft], key: str | None, batch_start: int | None, subject: str | None
+) -> None:
+    """Give drafts without a ``key`` of their own the request's ``Idempotency-Key``, and
+    scope every key to the publisher's token subject.
 
-    A single event (``batch_start`` None) takes the key as it is; event ``i`` of an array
-    or of an NDJSON stream (whose reads start at ``batch_start``) takes ``<key>#<i>``, so a
-    retried batch is recognised event by event.
+    A single event (``batch_start`` None) takes the header's key as it is; event ``i`` of an
+    array or of an NDJSON stream (whose reads start at ``batch_start``) takes ``<key>#<i>``,
+    so a retried batch is recognised event by event. Scoping keeps each subject's keys
+    apart, so that one publisher cannot claim (and so suppress) another's key, or learn its
+    event ids by guessing keys.
     """
-    if key is None:
-        return
     for position, draft in enumerate(drafts):
-        if draft.key is None:
+        if draft.key is None and key is not None:
             draft.key = key if batch_start is None else f"{key}#{batch_start + position}"
-
-
-def _scope_keys(drafts: list[EventDraft], subject: str | None) -> None:
-    """Keep each token subject's idempotency keys apart, so that one publisher cannot
-    claim (and so suppress) another's key, or learn its event ids by guessing keys."""
-    if subject is None:
-        return
-    for draft in drafts:
-        if draft.key is not None:
+        if draft.key is not None and subject is not None:
             draft.key = f"{subject}|{draft.key}"
 
 
@@ -304,6 +298,7 @@ async def _publish_ndjson(
     A bad line stops the stream: the lines before it stay published, and the error lists
     their ids so the publisher knows exactly where to resume.
     """
+    subject = None if grants is None else grants.subject
     max_line = state.config.max_body_bytes
     ids: list[str] = []
     line_number = 0
@@ -325,15 +320,14 @@ async def _publish_ndjson(
                 if line.strip():
                     draft = _ndjson_draft(line, state.limits, defaults)
                     check_publish(grants, (draft.topics,))
-                    _apply_key([draft], key, len(ids) + len(drafts))
-                    _scope_keys([draft], None if grants is None else grants.subject)
+                    _assign_keys([draft], key, len(ids) + len(drafts), subject)
                     drafts.append(draft)
         except (InvalidEvent, PayloadTooLarge, Forbidden) as exc:
             if drafts:
-                ids.extend(await _publish_read(request, state, drafts, ids, grants))
+                ids.extend(await _publish_read(request, state, drafts, ids, subject))
             raise _at_line(exc, line_number, ids) from None
         if drafts:
-            ids.extend(await _publish_read(request, state, drafts, ids, grants))
+            ids.extend(await _publish_read(request, state, drafts, ids, subject))
     if not ids:
         raise InvalidBody("the stream held no events")
     return web.json_response({"ids": ids})
@@ -344,7 +338,7 @@ async def _publish_read(
     state: BrokerState,
     drafts: list[EventDraft],
     published: list[str],
-    grants: Grants | None,
+    subject: str | None,
 ) -> list[str]:
     """Publish one read's lines; if the rate or the backend stops them, say which got in.
 
@@ -352,7 +346,6 @@ async def _publish_read(
     stream stops at the first that does not fit: where the network happened to cut the
     stream into reads must not decide how much of it is published.
     """
-    subject = None if grants is None else grants.subject
     done: list[str] = []
     start = 0
     while start < len(drafts):
