@@ -24,6 +24,7 @@ import httpx
 import jwt
 import pytest
 import redis
+import redis.asyncio
 from aiohttp.test_utils import TestServer
 from aiohttp.web_runner import BaseRunner
 from httpx_sse import EventSource, ServerSentEvent
@@ -328,6 +329,20 @@ def redis_prefix(redis_url: str) -> Iterator[str]:
         keys = list(client.scan_iter(match=f"{prefix}:*"))
         if keys:
             client.delete(*keys)
+
+
+@pytest.fixture
+def sync_redis(redis_url: str) -> Iterator[redis.Redis]:
+    """A plain client of the test run's Redis, for looking at what the broker stored."""
+    with redis.Redis.from_url(redis_url) as client:
+        yield client
+
+
+@pytest.fixture
+async def async_redis(redis_url: str) -> AsyncIterator[redis.asyncio.Redis]:
+    client = redis.asyncio.Redis.from_url(redis_url)
+    yield client
+    await client.aclose()
 
 
 @pytest.fixture

@@ -22,6 +22,7 @@ from aiohttp.test_utils import TestServer
 from broker.client import Event, Publisher, Subscriber
 from broker.subscriber import CloseReason
 from tests.conftest import JWT_KEY, Broker, BrokerFactory, free_port, mint, wait_for
+from tests.test_client import collect
 
 # Generous bound on anything a test waits for; never a speed assertion.
 DEADLINE = 30.0
@@ -64,16 +65,6 @@ async def finish(process: asyncio.subprocess.Process) -> tuple[int, str, str]:
         raise
     assert process.returncode is not None
     return process.returncode, stdout.decode(), stderr.decode()
-
-
-async def collect(events: Subscriber, count: int) -> list[Event]:
-    received: list[Event] = []
-    async with asyncio.timeout(DEADLINE):
-        async for event in events:
-            received.append(event)
-            if len(received) == count:
-                break
-    return received
 
 
 async def subscribed(broker: Broker, count: int = 1) -> None:

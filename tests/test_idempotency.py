@@ -60,13 +60,6 @@ def start_broker(request: pytest.FixtureRequest, make_broker: BrokerFactory) -> 
     return start
 
 
-@pytest.fixture
-async def raw_redis(redis_url: str) -> AsyncIterator[redis.asyncio.Redis]:
-    client = redis.asyncio.Redis.from_url(redis_url)
-    yield client
-    await client.aclose()
-
-
 async def post(
     http: httpx.AsyncClient, url: str, key: str | None = None, **request: Any
 ) -> httpx.Response:
@@ -526,7 +519,7 @@ async def test_a_retry_on_another_node_gets_the_same_id_and_the_log_holds_the_ev
     make_broker: BrokerFactory,
     redis_url: str,
     redis_prefix: str,
-    raw_redis: redis.asyncio.Redis,
+    async_redis: redis.asyncio.Redis,
     client: httpx.AsyncClient,
 ) -> None:
     node_a, node_b = await two_nodes(make_broker, redis_url, redis_prefix, history_ttl=60)
@@ -536,12 +529,12 @@ async def test_a_retry_on_another_node_gets_the_same_id_and_the_log_holds_the_ev
         assert ids_of(await post(client, node_b.url, "cross", json=event)) == [event_id]
         assert ids_of(await post(client, node_a.url, "cross", json=event)) == [event_id]
         assert await delivered(client, node_b.url, events, "x") == [(event_id, "payload")]
-    entries: Any = await raw_redis.xrange(f"{redis_prefix}:log")
+    entries: Any = await async_redis.xrange(f"{redis_prefix}:log")
     payloads = [entry_id.decode() for entry_id, fields in entries if fields[b"data"] == b"payload"]
     assert payloads == [event_id]
     stored = f"{redis_prefix}:key:cross"
-    assert await raw_redis.get(stored) == event_id.encode()
-    ttl_ms = await raw_redis.pttl(stored)
+    assert await async_redis.get(stored) == event_id.encode()
+    ttl_ms = await async_redis.pttl(stored)
     assert 0 < ttl_ms <= 60_000
 
 
@@ -549,25 +542,25 @@ async def test_a_retried_array_on_another_node_stores_one_key_per_event(
     make_broker: BrokerFactory,
     redis_url: str,
     redis_prefix: str,
-    raw_redis: redis.asyncio.Redis,
+    async_redis: redis.asyncio.Redis,
     client: httpx.AsyncClient,
 ) -> None:
     node_a, node_b = await two_nodes(make_broker, redis_url, redis_prefix, history_ttl=30)
     batch = [{"topic": "x", "data": str(n)} for n in range(3)]
     ids = ids_of(await post(client, node_a.url, "arr", json=batch))
     assert ids_of(await post(client, node_b.url, "arr", json=batch)) == ids
-    assert await raw_redis.xlen(f"{redis_prefix}:log") == 3
+    assert await async_redis.xlen(f"{redis_prefix}:log") == 3
     for position, event_id in enumerate(ids):
         stored = f"{redis_prefix}:key:arr#{position}"
-        assert await raw_redis.get(stored) == event_id.encode()
-        assert 0 < await raw_redis.pttl(stored) <= 30_000
+        assert await async_redis.get(stored) == event_id.encode()
+        assert 0 < await async_redis.pttl(stored) <= 30_000
 
 
 async def test_concurrent_retries_on_two_nodes_publish_once(
     make_broker: BrokerFactory,
     redis_url: str,
     redis_prefix: str,
-    raw_redis: redis.asyncio.Redis,
+    async_redis: redis.asyncio.Redis,
     client: httpx.AsyncClient,
 ) -> None:
     nodes = await two_nodes(make_broker, redis_url, redis_prefix)
@@ -577,14 +570,14 @@ async def test_concurrent_retries_on_two_nodes_publish_once(
     )
     ids = {event_id for response in responses for event_id in ids_of(response)}
     assert len(ids) == 1
-    assert await raw_redis.xlen(f"{redis_prefix}:log") == 1
+    assert await async_redis.xlen(f"{redis_prefix}:log") == 1
 
 
 async def test_a_history_ttl_past_what_redis_can_expire_still_publishes_once(
     make_broker: BrokerFactory,
     redis_url: str,
     redis_prefix: str,
-    raw_redis: redis.asyncio.Redis,
+    async_redis: redis.asyncio.Redis,
     client: httpx.AsyncClient,
 ) -> None:
     """Redis cannot expire a key 1e300 s ahead; the key must still be stored, not the
@@ -593,21 +586,21 @@ async def test_a_history_ttl_past_what_redis_can_expire_still_publishes_once(
     event = {"topic": "t", "data": "x"}
     (event_id,) = ids_of(await post(client, broker.url, "forever", json=event))
     assert ids_of(await post(client, broker.url, "forever", json=event)) == [event_id]
-    assert await raw_redis.xlen(f"{redis_prefix}:log") == 1
-    assert await raw_redis.pttl(f"{redis_prefix}:key:forever") > 0
+    assert await async_redis.xlen(f"{redis_prefix}:log") == 1
+    assert await async_redis.pttl(f"{redis_prefix}:key:forever") > 0
 
 
 async def test_unkeyed_events_store_no_keys(
     make_broker: BrokerFactory,
     redis_url: str,
     redis_prefix: str,
-    raw_redis: redis.asyncio.Redis,
+    async_redis: redis.asyncio.Redis,
     client: httpx.AsyncClient,
 ) -> None:
     broker = await make_broker(redis_url=redis_url, redis_prefix=redis_prefix)
     await publish(client, broker.url, "x", "one")
     ids_of(await post(client, broker.url, json=[{"topic": "x", "data": "two"}] * 2))
-    assert [key async for key in raw_redis.scan_iter(match=f"{redis_prefix}:key:*")] == []
+    assert [key async for key in async_redis.scan_iter(match=f"{redis_prefix}:key:*")] == []
 
 
 async def test_a_publish_refused_while_redis_is_down_stores_no_key(

@@ -218,29 +218,30 @@ async def test_private_must_be_a_boolean(
 
 
 async def test_redis_function_and_channel_publishes_can_be_private(
-    make_broker: BrokerFactory, client: httpx.AsyncClient, redis_url: str, redis_prefix: str
+    make_broker: BrokerFactory,
+    client: httpx.AsyncClient,
+    redis_url: str,
+    redis_prefix: str,
+    sync_redis: redis.Redis,
 ) -> None:
     broker = await make_broker(jwt_key=JWT_KEY, redis_url=redis_url, redis_prefix=redis_prefix)
-    direct = redis.Redis.from_url(redis_url)
-    try:
-        async with (
-            stream(client, broker.url, "t", token=mint(subscribe=["t"])) as entitled,
-            stream(client, broker.url, "t") as anonymous,
-        ):
-            # The log and the channels are separate paths with no order between them:
-            # each is read up to its own sentinel.
-            direct.fcall(f"{redis_prefix}_publish", 0, "t", "fcall-private", "", "", "1")
-            direct.fcall(f"{redis_prefix}_publish", 0, "t", "fcall-public", "", "", "0")
-            direct.fcall(f"{redis_prefix}_publish", 0, "t", SENTINEL)
-            assert [e.data for e in await until_sentinel(entitled)] == [
-                "fcall-private",
-                "fcall-public",
-            ]
-            assert [e.data for e in await until_sentinel(anonymous)] == ["fcall-public"]
-            channel = f"{redis_prefix}:topic:t"
-            direct.publish(channel, '{"data": "channel-private", "private": true}')
-            direct.publish(channel, SENTINEL)
-            assert [e.data for e in await until_sentinel(entitled)] == ["channel-private"]
-            assert await until_sentinel(anonymous) == []
-    finally:
-        direct.close()
+
+    async with (
+        stream(client, broker.url, "t", token=mint(subscribe=["t"])) as entitled,
+        stream(client, broker.url, "t") as anonymous,
+    ):
+        # The log and the channels are separate paths with no order between them:
+        # each is read up to its own sentinel.
+        sync_redis.fcall(f"{redis_prefix}_publish", 0, "t", "fcall-private", "", "", "1")
+        sync_redis.fcall(f"{redis_prefix}_publish", 0, "t", "fcall-public", "", "", "0")
+        sync_redis.fcall(f"{redis_prefix}_publish", 0, "t", SENTINEL)
+        assert [e.data for e in await until_sentinel(entitled)] == [
+            "fcall-private",
+            "fcall-public",
+        ]
+        assert [e.data for e in await until_sentinel(anonymous)] == ["fcall-public"]
+        channel = f"{redis_prefix}:topic:t"
+        sync_redis.publish(channel, '{"data": "channel-private", "private": true}')
+        sync_redis.publish(channel, SENTINEL)
+        assert [e.data for e in await until_sentinel(entitled)] == ["channel-private"]
+        assert await until_sentinel(anonymous) == []

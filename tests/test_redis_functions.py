@@ -9,7 +9,6 @@ live-only events: delivered to the topic's subscribers, with no id, never replay
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import httpx
@@ -36,19 +35,6 @@ from broker.topics import Selector
 from tests.conftest import BrokerFactory, RawStream, RedisServer, publish, wait_for
 
 SMALL = EventLimits(max_topics=3, max_event_bytes=200)
-
-
-@pytest.fixture
-def sync_redis(redis_url: str) -> Iterator[redis.Redis]:
-    with redis.Redis.from_url(redis_url) as client:
-        yield client
-
-
-@pytest.fixture
-async def async_redis(redis_url: str) -> AsyncIterator[redis.asyncio.Redis]:
-    client = redis.asyncio.Redis.from_url(redis_url)
-    yield client
-    await client.aclose()
 
 
 def load_small_library(client: redis.Redis, prefix: str) -> None:
