@@ -1,15 +1,23 @@
 """Who may publish where and who may read private events: JSON Web Tokens, via PyJWT.
 
-A token grants topic patterns (the syntax of ``broker.topics``) in one of two claims:
+A token grants topics in any of three claims, merged:
 
-* ``{"sse": {"publish": [...], "subscribe": [...]}}``, our own;
-* ``{"mercure": {"publish": [...], "subscribe": [...]}}``, so tokens minted for a Mercure
-  hub work unchanged. There ``"*"`` means every topic (Mercure's meaning); other entries
-  are taken as topics or patterns of ours.
+* ``{"sse": {"publish": [...], "subscribe": [...]}}``, our own, in the topic pattern
+  syntax of ``broker.topics``;
+* ``authorization_details`` (RFC 9396), Mercure's current form: objects of type
+  ``mercure`` with ``actions`` and ``topics`` matchers (``Exact`` or ``URLPattern``), an
+  optional ``payload`` per ``subscribe`` detail. Such a token must be an RFC 9068 access
+  token (header ``typ: at+jwt``, an ``exp``); a detail that does not parse refuses the
+  whole token, never part of it;
+* ``{"mercure": {"publish": [...], "subscribe": [...]}}``, the claim of earlier Mercure
+  drafts, so tokens minted for those hubs work unchanged: each entry is an exact topic or
+  a URI template, and ``"*"`` means every topic.
 
-Publishing needs ``publish`` patterns covering every topic of every event. Reading
+In every form ``*`` as a whole matcher means every topic.
+
+Publishing needs ``publish`` grants covering every topic of every event. Reading
 *public* events needs no grant at all (unless anonymous subscribers are refused); a
-*private* event is delivered only to subscribers whose ``subscribe`` patterns match one
+*private* event is delivered only to subscribers whose ``subscribe`` grants match one
 of its topics, which makes ``subscribe`` the list of private topics a holder may read.
 
 The key and the one accepted algorithm are fixed by configuration, never taken from the
@@ -32,15 +40,47 @@ import jwt
 from aiohttp import web
 
 from broker.errors import Forbidden, Unauthorized
-from broker.topics import DOUBLE_STAR, Selector, TopicError, validate_pattern
+from broker.matchers import (
+    URL_PATTERN,
+    MatcherError,
+    URITemplateMatcher,
+    URLPatternMatcher,
+    is_uri_template,
+)
+from broker.topics import (
+    DOUBLE_STAR,
+    MAX_TOPIC_LENGTH,
+    Matcher,
+    Selector,
+    TopicError,
+    validate_pattern,
+)
 
 CLAIM = "sse"
 MERCURE_CLAIM = "mercure"
-MERCURE_ANY_TOPIC = "*"
+DETAILS_CLAIM = "authorization_details"
+DETAIL_TYPE = "mercure"
+EXACT = "Exact"
+ACTIONS = ("publish", "subscribe")
+ACCESS_TOKEN_TYPES = frozenset({"at+jwt", "application/at+jwt"})
+ANY_TOPIC = "*"
 QUERY_PARAMETER = "authorization"
 MAX_TOKEN_LENGTH = 16 * 1024
 MAX_GRANTED_PATTERNS = 1024
+MAX_DETAILS = 256
 CACHE_SIZE = 4096
+# Where relative URL patterns in a token point when the request names no hub URL.
+DEFAULT_HUB_URL = "http://localhost/.well-known/mercure"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class TokenSource:
+    """Where a request may carry its token besides ``Authorization: Bearer``: our API
+    reads ``?authorization=`` and the ``brokerAuthorization`` cookie, Mercure's endpoint
+    ``?access_token=`` (RFC 6750) and the ``mercureAccessToken`` cookie."""
+
+    query: str
+    cookie: str
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -53,6 +93,17 @@ class Grants:
     subscribe: Selector
     subject: str
     expires: float | None = None
+    # Mercure ``subscribe`` details carrying a ``payload``, in the token's order: the
+    # first whose topics match a subscription's matcher describes that subscription.
+    payloads: tuple[tuple[Selector, dict[str, Any]], ...] = ()
+    # Whether ``sub`` named the holder (else ``subject`` is a digest of the token).
+    named: bool = False
+
+    def payload_for(self, matcher: str) -> dict[str, Any] | None:
+        for topics, payload in self.payloads:
+            if topics.matches_any((matcher,)):
+                return payload
+        return None
 
     def may_publish(self, topics: Iterable[str]) -> bool:
         matches = self.publish.matches_any
@@ -95,17 +146,19 @@ class TokenChecker:
             "enforce_minimum_key_length": True,
             "verify_aud": audience is not None,
         }
-        self._cache: OrderedDict[str, tuple[Grants, float]] = OrderedDict()
+        self._cache: OrderedDict[tuple[str, str], tuple[Grants, float]] = OrderedDict()
 
-    def check(self, token: str) -> Grants:
-        """The token's grants; raises ``Unauthorized`` if it does not verify."""
-        cached = self._cache.get(token)
+    def check(self, token: str, base: str = DEFAULT_HUB_URL) -> Grants:
+        """The token's grants; raises ``Unauthorized`` if it does not verify. ``base`` is
+        the hub's URL, against which relative URL patterns in the token are resolved."""
+        cache_key = (token, base)
+        cached = self._cache.get(cache_key)
         if cached is not None:
             grants, expires = cached
             if time.time() < expires:
-                self._cache.move_to_end(token)
+                self._cache.move_to_end(cache_key)
                 return grants
-            del self._cache[token]
+            del self._cache[cache_key]
         if len(token) > MAX_TOKEN_LENGTH:
             raise Unauthorized(f"the token is longer than {MAX_TOKEN_LENGTH} characters")
         if not token.isascii():
@@ -123,51 +176,190 @@ class TokenChecker:
             )
         except jwt.InvalidTokenError as exc:
             raise Unauthorized(f"the token is not valid: {exc}") from None
-        grants = grants_from_claims(claims, token)
+        if DETAILS_CLAIM in claims:
+            _check_access_token(token, claims)
+        grants = grants_from_claims(claims, token, base)
         until = float("inf") if grants.expires is None else grants.expires
-        self._cache[token] = (grants, until)
+        self._cache[cache_key] = (grants, until)
         if len(self._cache) > CACHE_SIZE:
             self._cache.popitem(last=False)
         return grants
 
 
-def grants_from_claims(claims: dict[str, Any], token: str) -> Grants:
-    """Read the publish and subscribe patterns of both claim shapes, merged."""
-    publish: list[str] = []
-    subscribe: list[str] = []
+def _check_access_token(token: str, claims: dict[str, Any]) -> None:
+    """RFC 9068: an access token says so in its header (so that an ID token carrying
+    the same claims is not taken for one) and always expires."""
+    header = jwt.get_unverified_header(token)  # verified by the decode that preceded
+    kind = header.get("typ")
+    if not isinstance(kind, str) or kind.lower() not in ACCESS_TOKEN_TYPES:
+        raise Unauthorized("a token with authorization_details must have the header typ at+jwt")
+    if "exp" not in claims:
+        raise Unauthorized("a token with authorization_details must have an exp claim")
+
+
+def grants_from_claims(claims: dict[str, Any], token: str, base: str = DEFAULT_HUB_URL) -> Grants:
+    """Read the grants of every claim form, merged (see the module docstring)."""
+    publish = _Collected()
+    subscribe = _Collected()
+    payloads: list[tuple[Selector, dict[str, Any]]] = []
     found = False
-    for name in (CLAIM, MERCURE_CLAIM):
-        if name not in claims:
-            continue
+    if CLAIM in claims:
         found = True
-        claim = claims[name]
-        if not isinstance(claim, dict):
-            raise Unauthorized(f"the token's {name!r} claim must be an object")
+        claim = _claim_object(claims, CLAIM)
         for action, into in (("publish", publish), ("subscribe", subscribe)):
-            into.extend(_patterns(claim.get(action, []), f"{name}.{action}", name))
+            into.patterns.extend(_patterns(claim.get(action, []), f"{CLAIM}.{action}"))
+    if MERCURE_CLAIM in claims:
+        found = True
+        claim = _claim_object(claims, MERCURE_CLAIM)
+        for action, into in (("publish", publish), ("subscribe", subscribe)):
+            into.add_legacy(claim.get(action, []), f"{MERCURE_CLAIM}.{action}")
+    if DETAILS_CLAIM in claims:
+        found = True
+        payloads = _read_details(claims[DETAILS_CLAIM], base, publish, subscribe)
     if not found:
-        raise Unauthorized(f"the token has neither a {CLAIM!r} nor a {MERCURE_CLAIM!r} claim")
+        raise Unauthorized(
+            f"the token has none of the claims {CLAIM!r}, {DETAILS_CLAIM!r} or {MERCURE_CLAIM!r}"
+        )
+    if publish.count > MAX_GRANTED_PATTERNS or subscribe.count > MAX_GRANTED_PATTERNS:
+        raise Unauthorized(f"the token grants more than {MAX_GRANTED_PATTERNS} topics per action")
     subject = claims.get("sub")
+    named = isinstance(subject, str) and bool(subject)
     if not isinstance(subject, str) or not subject:
         subject = "token:" + hashlib.sha256(token.encode("utf-8", "replace")).hexdigest()[:32]
     expiry = claims.get("exp")
     # PyJWT has checked that a present exp is a number; it compares whole seconds.
     expires = float(int(expiry)) if isinstance(expiry, (int, float)) else None
-    return Grants(Selector(publish), Selector(subscribe), subject, expires)
+    return Grants(
+        publish.selector(), subscribe.selector(), subject, expires, tuple(payloads), named
+    )
 
 
-def _patterns(value: object, where: str, claim: str) -> list[str]:
+class _Collected:
+    """One action's grants as they are read, in the three kinds a ``Selector`` holds."""
+
+    def __init__(self) -> None:
+        self.patterns: list[str] = []
+        self.exact: list[str] = []
+        self.scanned: list[Matcher] = []
+
+    @property
+    def count(self) -> int:
+        return len(self.patterns) + len(self.exact) + len(self.scanned)
+
+    def selector(self) -> Selector:
+        return Selector(self.patterns, exact=self.exact, scanned=self.scanned)
+
+    def add_legacy(self, value: object, where: str) -> None:
+        for item in _strings(value, where):
+            if item == ANY_TOPIC:
+                self.patterns.append(DOUBLE_STAR)
+                continue
+            self.exact.append(item)
+            if is_uri_template(item):
+                try:
+                    self.scanned.append(URITemplateMatcher(item))
+                except MatcherError as exc:
+                    raise Unauthorized(f"the token's {where}: {exc}") from None
+
+
+def _read_details(
+    details: object, base: str, publish: _Collected, subscribe: _Collected
+) -> list[tuple[Selector, dict[str, Any]]]:
+    """Mercure's ``authorization_details``: all of it valid, or the token is refused."""
+    if not isinstance(details, list):
+        raise Unauthorized(f"the token's {DETAILS_CLAIM} must be an array")
+    if len(details) > MAX_DETAILS:
+        raise Unauthorized(f"the token has more than {MAX_DETAILS} authorization details")
+    payloads: list[tuple[Selector, dict[str, Any]]] = []
+    for number, detail in enumerate(details):
+        where = f"{DETAILS_CLAIM}[{number}]"
+        if not isinstance(detail, dict):
+            raise Unauthorized(f"the token's {where} must be an object")
+        if detail.get("type") != DETAIL_TYPE:
+            continue  # another API's detail: not ours to judge
+        actions = detail.get("actions")
+        if (
+            not isinstance(actions, list)
+            or not actions
+            or any(action not in ACTIONS for action in actions)
+        ):
+            raise Unauthorized(f"the token's {where}.actions must list publish and/or subscribe")
+        topics = _detail_topics(detail.get("topics"), base, f"{where}.topics")
+        payload = detail.get("payload")
+        if payload is not None and not isinstance(payload, dict):
+            raise Unauthorized(f"the token's {where}.payload must be an object")
+        for action, into in (("publish", publish), ("subscribe", subscribe)):
+            if action in actions:
+                into.patterns.extend(topics.patterns)
+                into.exact.extend(topics.exact)
+                into.scanned.extend(topics.scanned)
+        if payload is not None and "subscribe" in actions:
+            payloads.append((topics.selector(), payload))
+    return payloads
+
+
+def _detail_topics(value: object, base: str, where: str) -> _Collected:
+    if not isinstance(value, list) or not value:
+        raise Unauthorized(f"the token's {where} must be a non-empty array")
+    topics = _Collected()
+    for number, item in enumerate(value):
+        if not isinstance(item, dict):
+            raise Unauthorized(f"the token's {where}[{number}] must be an object")
+        match = item.get("match")
+        kind = item.get("matchType", EXACT)
+        if not isinstance(match, str) or not match or _has_control(match):
+            raise Unauthorized(f"the token's {where}[{number}].match must be a topic matcher")
+        if len(match) > MAX_TOPIC_LENGTH:
+            raise Unauthorized(
+                f"the token's {where}[{number}].match is over {MAX_TOPIC_LENGTH} characters"
+            )
+        if kind not in (EXACT, URL_PATTERN):
+            raise Unauthorized(
+                f"the token's {where}[{number}].matchType must be Exact or URLPattern"
+            )
+        if match == ANY_TOPIC:
+            topics.patterns.append(DOUBLE_STAR)
+        elif kind == EXACT:
+            topics.exact.append(match)
+        else:
+            try:
+                topics.scanned.append(URLPatternMatcher(match, base))
+            except MatcherError as exc:
+                raise Unauthorized(f"the token's {where}[{number}]: {exc}") from None
+    return topics
+
+
+def _has_control(text: str) -> bool:
+    return any(ord(c) < 0x20 or 0x7F <= ord(c) <= 0x9F for c in text)
+
+
+def _claim_object(claims: dict[str, Any], name: str) -> dict[str, Any]:
+    claim = claims[name]
+    if not isinstance(claim, dict):
+        raise Unauthorized(f"the token's {name!r} claim must be an object")
+    return claim
+
+
+def _strings(value: object, where: str) -> list[str]:
     if value is None:
         return []
     if not isinstance(value, list):
         raise Unauthorized(f"the token's {where} must be a list of topics")
     if len(value) > MAX_GRANTED_PATTERNS:
         raise Unauthorized(f"the token's {where} lists more than {MAX_GRANTED_PATTERNS} topics")
-    patterns = []
     for item in value:
-        if claim == MERCURE_CLAIM and item == MERCURE_ANY_TOPIC:
-            patterns.append(DOUBLE_STAR)
-            continue
+        if not isinstance(item, str) or not item or _has_control(item):
+            raise Unauthorized(f"the token's {where} must hold topics, not {item!r}")
+        if len(item) > MAX_TOPIC_LENGTH:
+            raise Unauthorized(
+                f"the token's {where} has a topic over {MAX_TOPIC_LENGTH} characters"
+            )
+    return value
+
+
+def _patterns(value: object, where: str) -> list[str]:
+    patterns = []
+    for item in _strings(value, where):
         try:
             patterns.append(validate_pattern(item))
         except TopicError as exc:
@@ -175,9 +367,10 @@ def _patterns(value: object, where: str, claim: str) -> list[str]:
     return patterns
 
 
-def token_from(request: web.Request, cookie: str) -> str | None:
-    """The token a request carries: ``Authorization: Bearer``, else the ``authorization``
-    query parameter (``EventSource`` cannot set headers), else the cookie.
+def token_from(request: web.Request, source: TokenSource) -> str | None:
+    """The token a request carries: ``Authorization: Bearer``, else the query parameter
+    (``EventSource`` cannot set headers), else the cookie. The first found is the one
+    used, the others ignored (Mercure requires exactly this precedence).
 
     A header with another scheme, or an empty value anywhere, is an error rather than
     no token: a client that meant to authenticate should hear that it did not.
@@ -191,14 +384,14 @@ def token_from(request: web.Request, cookie: str) -> str | None:
         if not token:
             raise Unauthorized("the Authorization header holds no token")
         return token
-    query = request.query.getall(QUERY_PARAMETER, [])
+    query = request.query.getall(source.query, [])
     if query:
         if len(query) > 1 or not query[0]:
-            raise Unauthorized(f"give one non-empty {QUERY_PARAMETER!r} query parameter")
+            raise Unauthorized(f"give one non-empty {source.query!r} query parameter")
         return query[0]
-    cookie_value = request.cookies.get(cookie)
+    cookie_value = request.cookies.get(source.cookie)
     if cookie_value is not None and not cookie_value:
-        raise Unauthorized(f"the {cookie!r} cookie is empty")
+        raise Unauthorized(f"the {source.cookie!r} cookie is empty")
     return cookie_value
 
 
@@ -230,23 +423,43 @@ class Gatekeeper:
 
         self._publishers = checker(publisher_key, publisher_algorithm)
         self._subscribers = checker(subscriber_key, subscriber_algorithm)
-        self._cookie = cookie
+        self.source = TokenSource(QUERY_PARAMETER, cookie)
         self._anonymous_publish = allow_anonymous_publish
         self._anonymous_subscribe = allow_anonymous_subscribe
 
-    def publisher(self, request: web.Request) -> Grants | None:
+    def publisher(
+        self, request: web.Request, source: TokenSource | None = None, base: str = DEFAULT_HUB_URL
+    ) -> Grants | None:
         """The publisher's grants, or None for an anonymous publisher who may publish
         anywhere; raises ``Unauthorized`` when a token is needed and missing or bad."""
-        return self._grants(request, self._publishers, self._anonymous_publish, "publishing")
+        return self._grants(
+            request,
+            source or self.source,
+            base,
+            self._publishers,
+            self._anonymous_publish,
+            "publishing",
+        )
 
-    def subscriber(self, request: web.Request) -> Grants | None:
+    def subscriber(
+        self, request: web.Request, source: TokenSource | None = None, base: str = DEFAULT_HUB_URL
+    ) -> Grants | None:
         """The subscriber's grants, or None for an anonymous subscriber (public events
         only); raises ``Unauthorized`` when a token is needed and missing or bad."""
-        return self._grants(request, self._subscribers, self._anonymous_subscribe, "subscribing")
+        return self._grants(
+            request,
+            source or self.source,
+            base,
+            self._subscribers,
+            self._anonymous_subscribe,
+            "subscribing",
+        )
 
     def _grants(
         self,
         request: web.Request,
+        source: TokenSource,
+        base: str,
         checker: TokenChecker | None,
         anonymous_allowed: bool,
         action: str,
@@ -259,12 +472,12 @@ class Gatekeeper:
                     invalid_token=False,
                 )
             return None
-        token = token_from(request, self._cookie)
+        token = token_from(request, source)
         if token is None:
             if anonymous_allowed:
                 return None
             raise Unauthorized(f"{action} needs a token", invalid_token=False)
-        return checker.check(token)
+        return checker.check(token, base)
 
 
 def check_publish(grants: Grants | None, topics: Iterable[tuple[str, ...]]) -> None:

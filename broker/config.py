@@ -71,12 +71,18 @@ class Config:
     allow_anonymous_publish: bool = False
     allow_anonymous_subscribe: bool = True
     max_connections_per_ip: int = 0
+    max_stream_age: float = 0.0
     trusted_proxies: tuple[IPNetwork, ...] = ()
     publish_rate: float = 0.0
     publish_burst: int = 0
     header_timeout: float = 10.0
     body_timeout: float = 30.0
     demo: bool = True
+    mercure: bool = True
+    mercure_legacy: bool = True
+    mercure_subscriptions: bool = False
+    mercure_cookie: str = "mercureAccessToken"
+    public_url: str | None = None
 
     @property
     def publisher_key(self) -> str | None:
@@ -271,6 +277,23 @@ def _cookie_name(text: str) -> str:
     return value
 
 
+def _public_url(text: str) -> str | None:
+    """The origin clients reach the broker at: ``http(s)://host[:port]``, nothing more."""
+    value = text.strip().rstrip("/")
+    if not value:
+        return None
+    parts = urllib.parse.urlsplit(value)
+    if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
+        raise ValueError("expected the broker's public origin, as in https://example.com")
+    if parts.path or parts.query or parts.fragment or parts.username or parts.password:
+        raise ValueError("give the origin only (scheme, host and port), as in https://example.com")
+    try:
+        parts.port  # noqa: B018 (urllib checks the port only when it is read)
+    except ValueError:
+        raise ValueError("the port must be a number from 0 to 65535") from None
+    return value
+
+
 REDIS_SCHEMES = ("redis", "rediss", "unix")
 # With Redis, the stream carries live events between nodes as well as history, so an entry
 # must outlive the read of every node's tail; fewer entries would turn ordinary bursts into
@@ -435,6 +458,14 @@ _OPTIONS: tuple[_Option, ...] = (
         repeatable=True,
     ),
     _Option("--log-level", "log_level", _choice(LOG_LEVELS), "logging level", "LEVEL"),
+    _Option(
+        "--max-stream-age",
+        "max_stream_age",
+        _seconds(0, 366 * 86400),
+        "seconds after which a stream is ended (the client reconnects, resumes and shows "
+        "its token again), less up to a tenth at random; 0 means never",
+        "SECONDS",
+    ),
     _Option(
         "--shutdown-timeout",
         "shutdown_timeout",
@@ -607,6 +638,46 @@ _OPTIONS: tuple[_Option, ...] = (
         "SECONDS",
     ),
     _Option("--demo", "demo", _boolean, "serve the demo page at GET /", switch=True),
+    _Option(
+        "--mercure",
+        "mercure",
+        _boolean,
+        "serve the Mercure protocol at /.well-known/mercure",
+        switch=True,
+    ),
+    _Option(
+        "--mercure-legacy",
+        "mercure_legacy",
+        _boolean,
+        "also accept clients of Mercure drafts before 8: the 'topic' subscribe parameter "
+        "(exact topics and URI templates) and several 'topic' fields in one publish",
+        switch=True,
+    ),
+    _Option(
+        "--mercure-subscriptions",
+        "mercure_subscriptions",
+        _boolean,
+        "publish Mercure subscription events (private, under "
+        "/.well-known/mercure/subscriptions) as Mercure streams open and close, and serve "
+        "the subscription API there",
+        switch=True,
+    ),
+    _Option(
+        "--mercure-cookie",
+        "mercure_cookie",
+        _cookie_name,
+        "name of the cookie that may carry a token on /.well-known/mercure",
+        "NAME",
+    ),
+    _Option(
+        "--public-url",
+        "public_url",
+        _public_url,
+        "the origin clients reach the broker at (https://host[:port]): the Mercure hub's "
+        "URL, against which relative topics and URL patterns resolve; default: each "
+        "request's Host",
+        "URL",
+    ),
 )
 
 

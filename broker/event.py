@@ -43,6 +43,8 @@ class EventDraft:
     private: bool = False
     # The publisher's idempotency key: a retry with the same key gets the first id back.
     key: str | None = None
+    # An id the publisher chose (Mercure's ``id`` field); None: the log assigns one.
+    id: str | None = None
 
 
 def encode_draft(
@@ -53,6 +55,7 @@ def encode_draft(
     *,
     private: bool = False,
     key: str | None = None,
+    event_id: str | None = None,
 ) -> EventDraft:
     """Encode fields that were already checked (by ``make_draft``, here or on another node).
 
@@ -60,7 +63,7 @@ def encode_draft(
     all, which only fields that bypassed ``make_draft`` can cause.
     """
     body = sse.encode_body(data, event, retry)
-    return EventDraft(topics, body, data, event, retry, private, key)
+    return EventDraft(topics, body, data, event, retry, private, key, event_id)
 
 
 @dataclasses.dataclass(slots=True, eq=False)
@@ -88,10 +91,12 @@ class Event:
     def readable_by(self, selector: Selector, grants: Selector | None) -> bool:
         """Whether a subscriber with ``selector`` and (for private events) ``grants``
         should get this event; replay asks this of every event it reads."""
-        topics = self.topics
-        if not selector.matches_any(topics):
-            return False
-        return not self.private or (grants is not None and grants.matches_any(topics))
+        return selector.matches_any(self.topics) and self.visible_to(grants)
+
+    def visible_to(self, grants: Selector | None) -> bool:
+        """Whether a subscriber holding ``grants`` may know of this event at all: public
+        events are anyone's, private ones need a grant matching one of their topics."""
+        return not self.private or (grants is not None and grants.matches_any(self.topics))
 
     def wire(self, chunked: bool) -> bytes:
         return self.chunk if chunked else self.frame

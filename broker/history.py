@@ -30,6 +30,17 @@ class Replay:
     events: list[Event]
     missed: bool
     through: int
+    # The newest event before the first one replayed (before the log's head when none
+    # is) that this subscriber would have received (its topics and, for private
+    # events, its grants), looked for among at most ``PREDECESSOR_SCAN`` events; None
+    # when there is none, or when the replay is ``missed``. Mercure reports it in the
+    # ``Last-Event-ID`` response header (``earliest`` for None): a subscriber that finds
+    # there the id it asked for knows it lost nothing, and events it may not read or did
+    # not ask for are never named.
+    predecessor: str | None = None
+
+
+PREDECESSOR_SCAN = 1000
 
 
 class EventLog:
@@ -79,7 +90,8 @@ class EventLog:
         for draft in drafts:
             self._seq += 1
             self._counter += 1
-            event = Event.build(self._seq, prefix + str(self._counter), draft, now)
+            event_id = prefix + str(self._counter) if draft.id is None else draft.id
+            event = Event.build(self._seq, event_id, draft, now)
             appended.append(event)
             if keep:
                 events.append(event)
@@ -120,10 +132,28 @@ class EventLog:
                 through=head,
             )
         newer: list[Event] = []
-        for event in reversed(self._events):
+        before = len(self._events)
+        for index in range(len(self._events) - 1, -1, -1):
+            event = self._events[index]
             if event.seq <= position:
                 break
             if event.readable_by(selector, grants):
                 newer.append(event)
+                before = index
         newer.reverse()
-        return Replay(newer, missed=False, through=head)
+        return Replay(
+            newer,
+            missed=False,
+            through=head,
+            predecessor=self._readable_before(before, selector, grants),
+        )
+
+    def _readable_before(
+        self, index: int, selector: Selector, grants: Selector | None
+    ) -> str | None:
+        """The id of the newest event before ``index`` this subscriber would receive."""
+        events = self._events
+        for back in range(index - 1, max(index - 1 - PREDECESSOR_SCAN, -1), -1):
+            if events[back].readable_by(selector, grants):
+                return events[back].id
+        return None

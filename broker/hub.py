@@ -10,21 +10,41 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import Protocol
 
 from broker.event import Event
 from broker.metrics import Stats
 from broker.subscriber import CloseReason, Run, Subscriber
-from broker.topics import TopicIndex
+from broker.topics import Matcher, Selector, TopicIndex
+
+
+class Recipient(Protocol):
+    """What the fan-out offers events to: a stream's ``Subscriber``, or a reader of the
+    hub's own (``watch``)."""
+
+    grants: Selector | None
+
+    def __hash__(self) -> int: ...
+
+    def offer(self, event: Event) -> None: ...
+
+    def offer_run(self, run: Run) -> None: ...
 
 
 class Hub:
     def __init__(self, stats: Stats) -> None:
         self._stats = stats
-        self._index: TopicIndex[Subscriber] = TopicIndex()
+        self._index: TopicIndex[Recipient] = TopicIndex()
+        # Matchers the trie cannot hold (URL patterns, URI templates), each asked once
+        # per published topic however many subscribers share it.
+        self._scanned: dict[Matcher, set[Recipient]] = {}
         self._subscribers: set[Subscriber] = set()
         self._per_peer: dict[str, int] = {}
         self._emptied: asyncio.Event | None = None
+        # Told of every subscriber as it is forgotten, whatever ended its stream (Mercure's
+        # active subscriptions publish the end of each then).
+        self.on_forget: Callable[[Subscriber], None] | None = None
 
     @property
     def connection_count(self) -> int:
@@ -32,7 +52,7 @@ class Hub:
 
     @property
     def index_size(self) -> int:
-        return len(self._index)
+        return len(self._index) + len(self._scanned)
 
     def connections_from(self, peer: str) -> int:
         """Streams open from one client address (``Subscriber.peer``)."""
@@ -40,10 +60,25 @@ class Hub:
 
     def subscribe(self, subscriber: Subscriber) -> None:
         """Register at once: from here on, every fanned-out event that matches is offered."""
-        for pattern in subscriber.selector.patterns:
+        selector = subscriber.selector
+        for pattern in selector.patterns:
             self._index.add(pattern, subscriber)
+        for topic in selector.exact:
+            self._index.add_exact(topic, subscriber)
+        for matcher in selector.scanned:
+            self._scanned.setdefault(matcher, set()).add(subscriber)
         self._subscribers.add(subscriber)
         self._per_peer[subscriber.peer] = self._per_peer.get(subscriber.peer, 0) + 1
+
+    def watch(self, pattern: str, recipient: Recipient) -> None:
+        """Offer ``recipient`` the events matching ``pattern``, private ones included if
+        its grants allow, without counting it as a stream: a reader of the log inside the
+        broker (Mercure's active subscriptions). It adds nothing to the fan-out's work for
+        topics the pattern cannot match beyond the trie walk any wildcard costs."""
+        self._index.add(pattern, recipient)
+
+    def unwatch(self, pattern: str, recipient: Recipient) -> None:
+        self._index.remove(pattern, recipient)
 
     def forget(self, subscriber: Subscriber) -> None:
         """Remove a subscriber whose stream has ended and count why; safe to call twice."""
@@ -51,14 +86,25 @@ class Hub:
             return
         subscriber.disarm()
         self._subscribers.discard(subscriber)
-        for pattern in subscriber.selector.patterns:
+        selector = subscriber.selector
+        for pattern in selector.patterns:
             self._index.remove(pattern, subscriber)
+        for topic in selector.exact:
+            self._index.remove_exact(topic, subscriber)
+        for matcher in selector.scanned:
+            holders = self._scanned.get(matcher)
+            if holders is not None:
+                holders.discard(subscriber)
+                if not holders:
+                    del self._scanned[matcher]
         remaining = self._per_peer[subscriber.peer] - 1
         if remaining:
             self._per_peer[subscriber.peer] = remaining
         else:
             del self._per_peer[subscriber.peer]
         self._stats.disconnects[subscriber.close_reason or CloseReason.CLIENT] += 1
+        if self.on_forget is not None:
+            self.on_forget(subscriber)
         if not self._subscribers and self._emptied is not None:
             self._emptied.set()
 
@@ -86,8 +132,10 @@ class Hub:
                 found = index.match(topics[0])
             else:
                 found = [group for topic in topics for group in index.match(topic)]
+            if self._scanned:
+                found.extend(self._scan(topics))
             if found:
-                targets: Iterable[Subscriber] = found[0] if len(found) == 1 else set().union(*found)
+                targets: Iterable[Recipient] = found[0] if len(found) == 1 else set().union(*found)
                 if private:
                     targets = [
                         subscriber
@@ -102,6 +150,13 @@ class Hub:
                     for subscriber in targets:
                         subscriber.offer_run(run)
             start = end
+
+    def _scan(self, topics: Sequence[str]) -> list[set[Recipient]]:
+        return [
+            holders
+            for matcher, holders in self._scanned.items()
+            if any(matcher.matches(topic) for topic in topics)
+        ]
 
     def notify_missed(self, last_id: str, *, new_log: bool = False) -> None:
         """Send every stream a ``broker.missed`` notice: events after ``last_id`` are gone

@@ -43,7 +43,8 @@ class CloseReason(enum.StrEnum):
     OVERFLOW = "overflow"
     SHUTDOWN = "shutdown"
     ERROR = "error"
-    # The subscriber's token expired: it must come back with a fresh one.
+    # The subscriber's token expired, or the stream reached --max-stream-age: it must
+    # come back (with a fresh token).
     EXPIRED = "expired"
 
 
@@ -142,15 +143,16 @@ class Subscriber(asyncio.Protocol):
         self._owned = False
 
     def __repr__(self) -> str:
-        return f"<Subscriber {list(self.selector.patterns)!r} queued={self.queued}>"
+        return f"<Subscriber {self.selector!r} queued={self.queued}>"
 
     @property
     def queued(self) -> int:
         return len(self._queue) if self._queue else 0
 
     def end_at(self, unix_time: float) -> None:
-        """End the stream when its token expires (``CloseReason.EXPIRED``): a stream must
-        not outlive the credential it was opened with. Only token holders get a timer."""
+        """End the stream at ``unix_time`` (``CloseReason.EXPIRED``): a stream must not
+        outlive the token it was opened with, nor ``--max-stream-age``. Only such streams
+        get a timer."""
         loop = asyncio.get_running_loop()
         delay = max(0.0, unix_time - time.time())
         self._expiry = loop.call_later(delay, self.close, CloseReason.EXPIRED)

@@ -15,12 +15,19 @@ from __future__ import annotations
 
 import functools
 import re
+import urllib.parse
 from collections.abc import Hashable, Iterable
-from typing import Generic, TypeVar
+from typing import Generic, Protocol, TypeVar
+
+from yarl import URL
 
 MAX_TOPIC_LENGTH = 1024
 STAR = "*"
 DOUBLE_STAR = "**"
+# Mercure's hub path: topics resolving into it are the hub's own (subscription events).
+HUB_PATH = "/.well-known/mercure"
+# Any base with the hub's path: where a topic lands does not depend on scheme or host.
+_HUB_BASE = "http://hub.invalid" + HUB_PATH
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
@@ -56,7 +63,52 @@ def _validate_topic_text(topic: str) -> str:
     text = _check_text(topic, "topic")
     if any(segment in (STAR, DOUBLE_STAR) for segment in text.split("/")):
         raise TopicError(f"topic {text!r} has a wildcard segment; wildcards are for subscribing")
+    if in_hub_namespace(text):
+        raise TopicError(f"topic {text!r} is in the Mercure hub's namespace {HUB_PATH}/")
     return text
+
+
+def is_reserved(topic: str) -> bool:
+    """Whether ``topic``, resolved as a URI reference against the Mercure hub's URL,
+    addresses the hub's reserved namespace: ``/.well-known/mercure`` or below, whatever
+    its scheme and host (Mercure's rule for its publishers).
+
+    Resolution normalises dot segments and percent-encoded dots, so neither
+    ``/x/../.well-known/mercure`` nor ``%2Ewell-known`` slips through.
+    """
+    if topic[:1] in ("?", "#"):
+        return True  # a query or fragment alone: the hub's own URL
+    path = _hub_path_of(topic)
+    return path is not None and (path == HUB_PATH or path.startswith(HUB_PATH + "/"))
+
+
+def in_hub_namespace(topic: str) -> bool:
+    """Whether ``topic`` resolves to a resource under the hub's path, where only the hub
+    publishes (subscription events): refused on every API, since a publisher that could
+    publish there would forge them for Mercure subscribers. Our own API stays free to use
+    topics such as ``#general`` that Mercure's stricter rule refuses."""
+    path = _hub_path_of(topic)
+    return path is not None and path.startswith(HUB_PATH + "/")
+
+
+def _hub_path_of(topic: str) -> str | None:
+    """The path ``topic`` resolves to against the hub's URL, when it may be in the hub's
+    namespace at all; None for the (almost all) topics that cannot be: no ``mercure``
+    and nothing percent-encoded means no URL parse."""
+    if "%" not in topic and "mercure" not in topic.lower():
+        return None
+    try:
+        url = URL(topic)
+        if not url.is_absolute() and not url.scheme:
+            url = URL(_HUB_BASE).join(url)
+        path = url.path
+    except (ValueError, TypeError):
+        try:
+            resolved = urllib.parse.urljoin(_HUB_BASE, topic)
+            path = urllib.parse.unquote(urllib.parse.urlsplit(resolved).path)
+        except ValueError:
+            return None
+    return path.replace("\\", "/")
 
 
 def validate_pattern(pattern: object) -> str:
@@ -86,15 +138,51 @@ def pattern_matches(pattern: str, topic: str) -> bool:
     return len(actual) == len(wanted)
 
 
+class Matcher(Protocol):
+    """A subscription or grant that the index cannot place in its trie (a URL pattern,
+    a URI template): the hub asks each distinct one about every published topic.
+
+    Matchers must be hashable and equal when they match the same topics, so that many
+    subscribers holding the same one cost one evaluation per topic.
+    """
+
+    kind: str
+    text: str
+
+    def matches(self, topic: str) -> bool: ...
+
+
 class Selector:
-    """A subscription's set of patterns, answering "does this event concern me?"."""
+    """A subscription's set of patterns, answering "does this event concern me?".
 
-    __slots__ = ("_exact", "_patterns", "patterns")
+    ``patterns`` use our topic syntax. ``exact`` are topics compared byte for byte, even
+    where they look like our wildcards (Mercure's ``Exact`` matchers), and ``scanned``
+    are matchers of other kinds. All three feed one index in the hub.
+    """
 
-    def __init__(self, patterns: Iterable[str]) -> None:
+    __slots__ = ("_exact", "_patterns", "exact", "patterns", "scanned")
+
+    def __init__(
+        self,
+        patterns: Iterable[str] = (),
+        *,
+        exact: Iterable[str] = (),
+        scanned: Iterable[Matcher] = (),
+    ) -> None:
         self.patterns = tuple(dict.fromkeys(patterns))
-        self._exact = frozenset(p for p in self.patterns if not is_pattern(p))
+        self.exact = tuple(dict.fromkeys(exact))
+        self.scanned = tuple(dict.fromkeys(scanned))
+        self._exact = frozenset(p for p in self.patterns if not is_pattern(p)) | frozenset(
+            self.exact
+        )
         self._patterns = tuple(p for p in self.patterns if is_pattern(p))
+
+    def __len__(self) -> int:
+        return len(self.patterns) + len(self.exact) + len(self.scanned)
+
+    def __repr__(self) -> str:
+        shown = [*self.patterns, *self.exact, *(f"{m.kind}:{m.text}" for m in self.scanned)]
+        return f"Selector({shown!r})"
 
     def matches_any(self, topics: Iterable[str]) -> bool:
         for topic in topics:
@@ -102,6 +190,9 @@ class Selector:
                 return True
             for pattern in self._patterns:
                 if pattern_matches(pattern, topic):
+                    return True
+            for matcher in self.scanned:
+                if matcher.matches(topic):
                     return True
         return False
 
@@ -134,7 +225,7 @@ class TopicIndex(Generic[S]):
 
     def add(self, pattern: str, subscriber: S) -> None:
         if not is_pattern(pattern):
-            self._exact.setdefault(pattern, set()).add(subscriber)
+            self.add_exact(pattern, subscriber)
             return
         node = self._root
         segments = pattern.split("/")
@@ -146,14 +237,21 @@ class TopicIndex(Generic[S]):
         else:
             node.children.setdefault(last, _Node()).here.add(subscriber)
 
+    def add_exact(self, topic: str, subscriber: S) -> None:
+        """Register a topic compared byte for byte, whatever its segments look like."""
+        self._exact.setdefault(topic, set()).add(subscriber)
+
+    def remove_exact(self, topic: str, subscriber: S) -> None:
+        subscribers = self._exact.get(topic)
+        if subscribers is not None:
+            subscribers.discard(subscriber)
+            if not subscribers:
+                del self._exact[topic]
+
     def remove(self, pattern: str, subscriber: S) -> None:
         """Forget one pattern of one subscriber, pruning emptied branches so nothing leaks."""
         if not is_pattern(pattern):
-            subscribers = self._exact.get(pattern)
-            if subscribers is not None:
-                subscribers.discard(subscriber)
-                if not subscribers:
-                    del self._exact[pattern]
+            self.remove_exact(pattern, subscriber)
             return
         segments = pattern.split("/")
         path: list[tuple[_Node[S], str]] = []

@@ -7,6 +7,7 @@ Every test talks to the broker over TCP on 127.0.0.1, through clients we did not
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import os
 import shutil
@@ -28,6 +29,7 @@ import redis.asyncio
 from aiohttp.test_utils import TestServer
 from aiohttp.web_runner import BaseRunner
 from httpx_sse import EventSource, ServerSentEvent
+from playwright.async_api import Browser, async_playwright
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
@@ -213,6 +215,21 @@ async def wait_for(condition: Callable[[], bool], seconds: float = 10.0) -> None
         await asyncio.sleep(0.01)
 
 
+SENTINEL = "end"
+RECEIVE_TIMEOUT = 10.0
+
+
+async def until_sentinel(events: AsyncIterator[ServerSentEvent]) -> list[ServerSentEvent]:
+    """The events before the one whose data is ``SENTINEL``: published last, and public,
+    it makes "received nothing else" a complete statement rather than a timeout."""
+    received: list[ServerSentEvent] = []
+    while True:
+        event = await asyncio.wait_for(anext(events), RECEIVE_TIMEOUT)
+        if event.data == SENTINEL:
+            return received
+        received.append(event)
+
+
 async def events_of(source: EventSource) -> AsyncIterator[ServerSentEvent]:
     """The events a browser would dispatch.
 
@@ -223,6 +240,23 @@ async def events_of(source: EventSource) -> AsyncIterator[ServerSentEvent]:
         if event.retry is not None and not event.data:
             continue
         yield event
+
+
+# --- Chromium: Debian's, driven by Playwright (no browser download) ---------------------
+
+CHROMIUM = Path("/usr/bin/chromium")
+
+
+@contextlib.asynccontextmanager
+async def launch_chromium() -> AsyncIterator[Browser]:
+    async with async_playwright() as playwright:
+        launched = await playwright.chromium.launch(
+            executable_path=str(CHROMIUM),
+            # Chromium's sandbox cannot start as root (CI containers).
+            args=["--no-sandbox"] if os.geteuid() == 0 else [],
+        )
+        yield launched
+        await launched.close()
 
 
 # --- Redis: a real server, private to the test run unless REDIS_URL names one ------------
@@ -627,3 +661,14 @@ async def open_raw(
         stream.close()
         raise
     return stream
+
+
+@pytest.fixture(params=["memory", "redis"])
+def backend_options(request: pytest.FixtureRequest) -> dict[str, Any]:
+    """Serve flags for each backend in turn: a test taking it runs on both."""
+    if request.param == "memory":
+        return {}
+    return {
+        "redis_url": request.getfixturevalue("redis_url"),
+        "redis_prefix": request.getfixturevalue("redis_prefix"),
+    }

@@ -687,3 +687,29 @@ async def test_a_stream_ends_when_its_token_expires(
         f"{broker.url}/events", params={"topic": "t", "authorization": token}
     )
     assert_error(response, 401, "unauthorized")
+
+
+async def test_max_stream_age_ends_every_stream_and_the_client_resumes(
+    make_broker: BrokerFactory, client: httpx.AsyncClient
+) -> None:
+    """``--max-stream-age`` ends streams whatever their token (or none): a token that can
+    no longer be trusted is dropped at the latest then. The client comes back and resumes
+    where it was, so nothing is lost."""
+    broker = await make_broker(max_stream_age=1)
+    first = await client.post(f"{broker.url}/publish", json={"topic": "t", "data": "1"})
+    async with aconnect_sse(
+        client, "GET", f"{broker.url}/.well-known/mercure", params={"match": "t"}
+    ) as stream:
+        assert stream.response.status_code == 200
+        assert [event async for event in events_of(stream)] == []
+    assert broker.state.stats.disconnects["expired"] == 1
+    second = await client.post(f"{broker.url}/publish", json={"topic": "t", "data": "2"})
+    async with aconnect_sse(
+        client,
+        "GET",
+        f"{broker.url}/events",
+        params={"topic": "t"},
+        headers={"Last-Event-ID": first.json()["id"]},
+    ) as resumed:
+        event = await anext(events_of(resumed))
+        assert (event.id, event.data) == (second.json()["id"], "2")

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import re
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -23,12 +22,11 @@ import httpx
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
-from playwright.async_api import Browser, Page, async_playwright, expect
+from playwright.async_api import Browser, Page, expect
 
 from broker.subscriber import CloseReason
-from tests.conftest import Broker, BrokerFactory, publish
+from tests.conftest import CHROMIUM, Broker, BrokerFactory, launch_chromium, publish
 
-CHROMIUM = Path("/usr/bin/chromium")
 SCREENSHOT = Path(__file__).parents[1] / "docs" / "demo.png"
 WAIT_MS = 30_000  # only so that a broken run fails instead of hanging
 
@@ -78,14 +76,8 @@ def as_dispatched(data: str) -> str:
 
 @pytest.fixture
 async def browser() -> AsyncIterator[Browser]:
-    async with async_playwright() as playwright:
-        launched = await playwright.chromium.launch(
-            executable_path=str(CHROMIUM),
-            # Chromium's sandbox cannot start as root (CI containers).
-            args=["--no-sandbox"] if os.geteuid() == 0 else [],
-        )
+    async with launch_chromium() as launched:
         yield launched
-        await launched.close()
 
 
 @pytest.fixture

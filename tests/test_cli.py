@@ -68,12 +68,18 @@ SERVE_FLAGS = {
     "--allow-anonymous-publish": "BROKER_ALLOW_ANONYMOUS_PUBLISH",
     "--allow-anonymous-subscribe": "BROKER_ALLOW_ANONYMOUS_SUBSCRIBE",
     "--max-connections-per-ip": "BROKER_MAX_CONNECTIONS_PER_IP",
+    "--max-stream-age": "BROKER_MAX_STREAM_AGE",
     "--trusted-proxy": "BROKER_TRUSTED_PROXY",
     "--publish-rate": "BROKER_PUBLISH_RATE",
     "--publish-burst": "BROKER_PUBLISH_BURST",
     "--header-timeout": "BROKER_HEADER_TIMEOUT",
     "--body-timeout": "BROKER_BODY_TIMEOUT",
     "--demo": "BROKER_DEMO",
+    "--mercure": "BROKER_MERCURE",
+    "--mercure-legacy": "BROKER_MERCURE_LEGACY",
+    "--mercure-cookie": "BROKER_MERCURE_COOKIE",
+    "--public-url": "BROKER_PUBLIC_URL",
+    "--mercure-subscriptions": "BROKER_MERCURE_SUBSCRIPTIONS",
 }
 
 

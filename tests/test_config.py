@@ -91,6 +91,7 @@ OPTIONS = (
         "--jwt-audience", "jwt_audience", None, ("https://hub.example", "https://hub.example"), "y"
     ),
     Option("--max-connections-per-ip", "max_connections_per_ip", 0, ("10", 10), "1"),
+    Option("--max-stream-age", "max_stream_age", 0.0, ("3600", 3600.0), "60"),
     Option(
         "--trusted-proxy",
         "trusted_proxies",
@@ -102,6 +103,16 @@ OPTIONS = (
     Option("--publish-burst", "publish_burst", 0, ("50", 50), "1"),
     Option("--header-timeout", "header_timeout", 10.0, ("2", 2.0), "1"),
     Option("--body-timeout", "body_timeout", 30.0, ("5", 5.0), "1"),
+    Option(
+        "--mercure-cookie", "mercure_cookie", "mercureAccessToken", ("hubToken", "hubToken"), "t"
+    ),
+    Option(
+        "--public-url",
+        "public_url",
+        None,
+        ("https://hub.example.com/", "https://hub.example.com"),
+        "http://127.0.0.1:8080",
+    ),
 )
 # Keys and switches have their own tests (tests/test_auth.py): a key is never echoed in an
 # error, a key file shares its key's field, and a switch takes no value.
@@ -112,6 +123,9 @@ TESTED_ELSEWHERE = {
     "allow_anonymous_publish",
     "allow_anonymous_subscribe",
     "demo",
+    "mercure",
+    "mercure_legacy",
+    "mercure_subscriptions",
 }
 BY_FLAG = {option.flag: option for option in OPTIONS}
 
@@ -278,11 +292,18 @@ INVALID = [
     ("--jwt-issuer", " "),
     ("--jwt-audience", ""),
     ("--max-connections-per-ip", "-1"),
+    ("--max-stream-age", "-1"),
+    ("--max-stream-age", "forever"),
     ("--trusted-proxy", "not-a-network"),
     ("--publish-rate", "-1"),
     ("--publish-burst", "x"),
     ("--header-timeout", "0"),
     ("--body-timeout", "0"),
+    ("--mercure-cookie", "a;b"),
+    ("--public-url", "hub.example.com"),
+    ("--public-url", "ftp://hub.example.com"),
+    ("--public-url", "https://hub.example.com/mercure"),
+    ("--public-url", "https://hub.example.com:99999"),
 ]
 
 

@@ -71,6 +71,7 @@ FUZZ_FLAGS = (
     *("--max-event-bytes", "8KiB"),
     *("--history-size", "2000"),
     *("--log-level", "warning"),
+    "--mercure-subscriptions",
 )
 # No "explain" phase: on a failure it replays variations for a long while, and the
 # assertion messages already show the request that failed.
@@ -87,6 +88,9 @@ ERRORS: collections.Counter[tuple[int, str]] = collections.Counter()
 MINIMUM_TOTAL = 10_000
 PUBLISH_EXAMPLES = 600
 EVENTS_EXAMPLES = 500
+MERCURE_EXAMPLES = 250
+# Operations that answer with an endless stream, fuzzed by the raw tests instead.
+STREAMS = {("get", "/events"), ("get", "/.well-known/mercure")}
 ENTITLEMENT_EXAMPLES = 300
 
 
@@ -163,7 +167,11 @@ def _ndjson(context: schemathesis.SerializationContext, value: Any) -> bytes:
 # data is refused" are left out: validity depends on what the document cannot tie
 # together (``?topic=`` makes an event's ``topic`` optional and lets any NDJSON line
 # through), so they would flag correct answers.
-@SCHEMA.exclude(method="GET", path="/events").parametrize()
+@(
+    SCHEMA.exclude(method="GET", path="/events")
+    .exclude(method="GET", path="/.well-known/mercure")
+    .parametrize()
+)
 @settings(FUZZ_SETTINGS, max_examples=150)
 def test_schemathesis(case: schemathesis.Case[Any], target: Target) -> None:
     SENT["schemathesis"] += 1
@@ -616,18 +624,27 @@ def events_requests(draw: st.DrawFn) -> RawRequest:
 @settings(FUZZ_SETTINGS, max_examples=PUBLISH_EXAMPLES)
 @given(base=publish_requests(), rng=st.randoms(use_true_random=False))
 def test_raw_publish(target: Target, base: RawRequest, rng: random.Random) -> None:
+    send_with_mutants(target, base, rng, "raw publish")
+
+
+def send_with_mutants(
+    target: Target, base: RawRequest, rng: random.Random, counter: str
+) -> list[tuple[RawRequest, Answer]]:
+    """Send ``base`` and its mutants, check every answer, and hand them back for the
+    checks of one endpoint."""
+    sent = []
     for request in [base, *(base.mutant(rng) for _ in range(MUTANTS))]:
         raw = request.encode()
-        check_answer(raw, exchange(target.port, raw, counter="raw publish"))
+        answer = exchange(target.port, raw, counter=counter)
+        check_answer(raw, answer)
+        sent.append((request, answer))
+    return sent
 
 
 @settings(FUZZ_SETTINGS, max_examples=EVENTS_EXAMPLES)
 @given(base=events_requests(), rng=st.randoms(use_true_random=False))
 def test_raw_events(target: Target, base: RawRequest, rng: random.Random) -> None:
-    for request in [base, *(base.mutant(rng) for _ in range(MUTANTS))]:
-        raw = request.encode()
-        answer = exchange(target.port, raw, counter="raw events")
-        check_answer(raw, answer)
+    for request, answer in send_with_mutants(target, base, rng, "raw events"):
         if answer.status == 200 and request.method == b"GET":
             if answer.headers.get("content-type", "").startswith("text/html"):
                 # A mutant whose target was cut down to "/": the demo page.
@@ -635,6 +652,108 @@ def test_raw_events(target: Target, base: RawRequest, rng: random.Random) -> Non
                 continue
             assert is_stream(answer), answer
             assert b"retry: " in answer.body, answer
+
+
+# Mercure's endpoint: its own parameter and field names, its own tokens.
+MERCURE_PATH = b"/.well-known/mercure"
+MERCURE_PUBLISH_ANYWHERE = mint(publish=["*"], claim="mercure")
+MERCURE_TEXT = st.one_of(
+    TOPICS,
+    st.sampled_from(
+        [
+            "*",
+            "https://example.com/books/:id",
+            "/books/:id",
+            "https://example.com/{a}/{+b}{?c,d}",
+            "{",
+            "(",
+            ":a((?:a+)+b)",
+            "/.well-known/mercure/x",
+            "/x/../.well-known/mercure",
+            "%2Ewell-known/mercure",
+            "#frag",
+            "urn:uuid:1",
+            "\x85",
+            "\x9f",
+        ]
+    ),
+)
+MERCURE_QUERY_NAMES = st.one_of(
+    st.sampled_from(
+        [
+            b"match",
+            b"matchExact",
+            b"matchURLPattern",
+            b"topic",
+            b"lastEventID",
+            b"access_token",
+            b"MATCH",
+            b"matchurlpattern",
+            b"matchFoo",
+            b"x",
+        ]
+    ),
+    st.binary(max_size=6).map(lambda raw: urllib.parse.quote_from_bytes(raw).encode()),
+)
+MERCURE_QUERY_VALUES = st.one_of(
+    MERCURE_TEXT.map(
+        lambda text: urllib.parse.quote(text, safe="/*:", errors="surrogatepass").encode()
+    ),
+    QUERY_VALUES,
+    st.just(b"earliest"),
+)
+MERCURE_QUERIES = st.lists(st.tuples(MERCURE_QUERY_NAMES, MERCURE_QUERY_VALUES), max_size=5).map(
+    lambda pairs: b"?" + b"&".join(name + b"=" + value for name, value in pairs) if pairs else b""
+)
+MERCURE_FORM_NAMES = st.one_of(
+    st.sampled_from(["topic", "data", "type", "retry", "private", "id"]), st.text(max_size=5)
+)
+MERCURE_FORM_VALUES = st.builds(
+    form_value, st.one_of(MERCURE_TEXT, st.text(max_size=12), st.binary(max_size=12)), st.booleans()
+)
+MERCURE_FORMS = st.lists(
+    st.builds(
+        lambda name, value: form_value(name, True) + b"=" + value,
+        MERCURE_FORM_NAMES,
+        MERCURE_FORM_VALUES,
+    ),
+    max_size=6,
+).map(b"&".join)
+
+
+@st.composite
+def mercure_publish_requests(draw: st.DrawFn) -> RawRequest:
+    method = draw(st.one_of(st.just(b"POST"), METHODS))
+    headers = draw(st.lists(HEADERS, max_size=2))
+    if draw(st.integers(0, 4)):
+        headers.append((b"Authorization", b"Bearer " + MERCURE_PUBLISH_ANYWHERE.encode()))
+    content_type = draw(st.just(b"application/x-www-form-urlencoded") | st.none() | CONTENT_TYPES)
+    if content_type is not None:
+        headers.append((b"Content-Type", content_type))
+    body = draw(st.one_of(MERCURE_FORMS, MERCURE_FORMS, BODIES))
+    return RawRequest(method, MERCURE_PATH + draw(MERCURE_QUERIES), headers, body, draw(VERSIONS))
+
+
+@st.composite
+def mercure_subscribe_requests(draw: st.DrawFn) -> RawRequest:
+    method = draw(st.one_of(st.just(b"GET"), METHODS))
+    headers = draw(st.lists(HEADERS, max_size=3))
+    body = draw(st.none() | st.binary(max_size=16))
+    return RawRequest(method, MERCURE_PATH + draw(MERCURE_QUERIES), headers, body, draw(VERSIONS))
+
+
+@settings(FUZZ_SETTINGS, max_examples=MERCURE_EXAMPLES)
+@given(base=mercure_publish_requests(), rng=st.randoms(use_true_random=False))
+def test_raw_mercure_publish(target: Target, base: RawRequest, rng: random.Random) -> None:
+    for request, answer in send_with_mutants(target, base, rng, "raw mercure publish"):
+        if answer.status == 200 and request.method == b"POST":
+            assert answer.headers.get("content-type", "").startswith("text/plain"), answer
+
+
+@settings(FUZZ_SETTINGS, max_examples=MERCURE_EXAMPLES)
+@given(base=mercure_subscribe_requests(), rng=st.randoms(use_true_random=False))
+def test_raw_mercure_subscribe(target: Target, base: RawRequest, rng: random.Random) -> None:
+    send_with_mutants(target, base, rng, "raw mercure subscribe")
 
 
 def test_broker_survived(target: Target) -> None:
@@ -970,8 +1089,8 @@ def test_volume(request: pytest.FixtureRequest, capsys: pytest.CaptureFixture[st
         shapes = ", ".join(f"{status} {code}: {n}" for (status, code), n in sorted(ERRORS.items()))
         print(f"test_fuzz: {len(ERRORS)} distinct errors in raw answers ({shapes})")
     module_items = [item for item in request.session.items if item.path == request.node.path]
-    # Each operation schemathesis fuzzes, and the five tests below its section.
-    if len(module_items) < len(operations_fuzzed_by_schemathesis()) + 5:
+    # Each operation schemathesis fuzzes, and the seven tests below its section.
+    if len(module_items) < len(operations_fuzzed_by_schemathesis()) + 7:
         pytest.skip("only part of the module was selected")
     if request.session.testsfailed:
         pytest.skip("a test failed before this one")
@@ -983,5 +1102,5 @@ def operations_fuzzed_by_schemathesis() -> list[tuple[str, str]]:
         (method, path)
         for path, item in SCHEMA.raw_schema["paths"].items()
         for method in item
-        if (method, path) != ("get", "/events")
+        if (method, path) not in STREAMS
     ]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from broker.event import EventDraft
-from broker.history import EventLog
+from broker.history import PREDECESSOR_SCAN, EventLog
 from broker.topics import Selector
 
 
@@ -103,3 +103,65 @@ def test_history_size_zero_keeps_nothing_but_knows_the_head() -> None:
     assert len(log) == 0
     assert not log.since(last.id, Selector(["a"])).missed
     assert log.since(first.id, Selector(["a"])).missed
+
+
+def test_a_chosen_id_names_the_event_and_resumes_from_its_newest_use() -> None:
+    log = EventLog(100, 60, wall_clock_ms=lambda: 1)
+    log.append([EventDraft(("a",), b"data: 0\n\n", id="x")])
+    log.append(drafts("a"))
+    newest, after = log.append([EventDraft(("a",), b"data: 2\n\n", id="x"), *drafts("a")])
+    assert newest.id == "x"
+    assert newest.frame == b"id: x\ndata: 2\n\n"
+    replay = log.since("x", Selector(["a"]))
+    assert replay.events == [after]
+    assert not replay.missed
+
+
+def test_the_predecessor_of_an_empty_replay_is_the_newest_event() -> None:
+    log = EventLog(100, 60)
+    *_, last = log.append(drafts("a", "a"))
+    assert log.since(last.id, Selector(["a"])).predecessor == last.id
+
+
+def test_the_predecessor_is_an_event_the_subscriber_would_have_received() -> None:
+    """Events of other topics are skipped: a subscriber resuming from its last event
+    then finds that very id as the predecessor, which tells it nothing was lost."""
+    log = EventLog(100, 60)
+    events = log.append(drafts("a", "b", "a", "b"))
+    replay = log.since(events[0].id, Selector(["a"]))
+    assert replay.events == [events[2]]
+    assert replay.predecessor == events[0].id
+    replay = log.since(events[2].id, Selector(["a"]))
+    assert (replay.events, replay.predecessor) == ([], events[2].id)
+
+
+def test_a_private_predecessor_is_known_only_with_a_matching_grant() -> None:
+    log = EventLog(100, 60)
+    first, secret = log.append(
+        [*drafts("a"), EventDraft(("secret",), b"data: s\n\n", private=True)]
+    )
+    wanted = Selector(["a", "secret"])
+    assert log.since(secret.id, wanted).predecessor == first.id
+    assert log.since(secret.id, wanted, Selector(["other"])).predecessor == first.id
+    assert log.since(secret.id, wanted, Selector(["secret"])).predecessor == secret.id
+
+
+def test_the_predecessor_scan_stops_after_its_limit() -> None:
+    log = EventLog(10_000, 60)
+    (public,) = log.append(drafts("a"))
+    hidden = EventDraft(("secret",), b"data: s\n\n", private=True)
+    *_, almost = log.append([hidden] * (PREDECESSOR_SCAN - 1))
+    assert log.since(almost.id, Selector(["a", "secret"])).predecessor == public.id
+    (last,) = log.append([hidden])
+    assert log.since(last.id, Selector(["a", "secret"])).predecessor is None
+    assert (
+        log.since(last.id, Selector(["a", "secret"]), Selector(["secret"])).predecessor == last.id
+    )
+
+
+def test_a_missed_replay_has_no_predecessor() -> None:
+    log = EventLog(100, 60)
+    log.append(drafts("a", "a"))
+    replay = log.since("not-an-id", Selector(["a"]))
+    assert replay.missed
+    assert replay.predecessor is None

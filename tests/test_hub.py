@@ -10,6 +10,7 @@ from broker.config import Overflow
 from broker.event import Event, EventDraft
 from broker.history import EventLog
 from broker.hub import Hub
+from broker.matchers import URLPatternMatcher
 from broker.metrics import Stats
 from broker.subscriber import CloseReason, Subscriber
 from broker.topics import Selector
@@ -77,3 +78,51 @@ def test_close_all_marks_every_subscriber() -> None:
     assert {sub.close_reason for sub in subs} == {CloseReason.SHUTDOWN}
     hub.fan_out(events(("a",)))
     assert all(sub.queued == 0 for sub in subs)
+
+
+def mercure_subscriber(
+    *, patterns: tuple[str, ...] = (), exact: tuple[str, ...] = (), url: tuple[str, ...] = ()
+) -> Subscriber:
+    selector = Selector(patterns, exact=exact, scanned=[URLPatternMatcher(p, HUB) for p in url])
+    return Subscriber(
+        selector,
+        max_events=100,
+        max_bytes=1 << 20,
+        overflow=Overflow.DROP_OLDEST,
+        stats=Stats(),
+        on_lost=lambda _: None,
+    )
+
+
+HUB = "https://hub.example/.well-known/mercure"
+
+
+def test_exact_topics_are_never_wildcards() -> None:
+    """Mercure's Exact matcher compares bytes: ``a/*`` is that topic, not a pattern."""
+    hub = Hub(Stats())
+    literal, ours = mercure_subscriber(exact=("a/*",)), subscriber("a/*")
+    hub.subscribe(literal)
+    hub.subscribe(ours)
+    hub.fan_out(events(("a/b",), ("a/*",)))
+    assert (literal.queued, ours.queued) == (1, 2)
+
+
+def test_url_patterns_are_matched_once_per_subscriber_and_shared() -> None:
+    hub = Hub(Stats())
+    books = [mercure_subscriber(url=("/books/:id",)) for _ in range(3)]
+    both = mercure_subscriber(url=("/books/:id", "https://hub.example/books/*"))
+    for sub in (*books, both):
+        hub.subscribe(sub)
+    assert hub.index_size == 2  # two distinct patterns, however many subscribers
+    hub.fan_out(events(("/books/1",), ("https://hub.example/books/2",), ("/authors/1",)))
+    assert [sub.queued for sub in (*books, both)] == [2, 2, 2, 2]
+
+
+def test_forget_removes_exact_and_scanned_matchers() -> None:
+    hub = Hub(Stats())
+    sub = mercure_subscriber(exact=("x",), url=("/books/:id",), patterns=("**",))
+    hub.subscribe(sub)
+    hub.forget(sub)
+    hub.fan_out(events(("x",), ("/books/1",)))
+    assert sub.queued == 0
+    assert hub.index_size == 0

@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import httpx
+import jwt
 import orjson
 import pytest
 import redis.asyncio
@@ -363,3 +364,55 @@ async def test_a_thousand_subscribers_on_three_nodes_receive_ten_thousand_events
     assert all(s.order.hexdigest() == expected for s in streams), "order or content differs"
     for s in streams:
         s.transport.close()
+
+
+MERCURE_KEY = "!ChangeThisMercureHubJWTSecretKey!"
+
+
+async def test_mercure_updates_cross_nodes_and_resume_from_a_chosen_id_on_another_node(
+    broker_process: StartBroker, redis_url: str, redis_prefix: str, client: httpx.AsyncClient
+) -> None:
+    """A Mercure publisher on one node, a Mercure subscriber on another and an /events
+    subscriber on a third see the same updates with the publisher's ids; a subscriber
+    whose node is killed resumes on another node from a publisher-chosen id, and the
+    response header says nothing was lost."""
+    flags = ("--publisher-jwt-key", MERCURE_KEY)
+    node_a, node_b, node_c = start_nodes(broker_process, redis_url, redis_prefix, 3, *flags)
+    token = jwt.encode({"mercure": {"publish": ["*"]}}, MERCURE_KEY, algorithm="HS256")
+    topic = "https://example.com/books/1"
+    mercure = await RawStream.connect(
+        node_b.port, "/.well-known/mercure?matchURLPattern=https://example.com/books/:id"
+    )
+    await mercure.read_until(lambda: bool(mercure.frames), within=READ_TIMEOUT)
+    ours = await subscribe(node_c, "topic=**")
+
+    async def publish(n: int) -> str:
+        answer = await client.post(
+            f"{node_a.url}/.well-known/mercure",
+            data={"topic": topic, "data": f"v{n}", "id": f"urn:example:book-1:{n}"},
+            headers={"Authorization": f"Bearer {token}"},
+        )
+        assert answer.status_code == 200, answer.text
+        assert answer.headers["content-type"].startswith("text/plain")
+        return answer.text
+
+    first = [await publish(n) for n in range(10)]
+    assert first == [f"urn:example:book-1:{n}" for n in range(10)]
+    expected = [(event_id, f"v{n}") for n, event_id in enumerate(first)]
+    for stream in (mercure, ours):
+        await stream.read_until(lambda s=stream: len(s.events()) >= 10, within=READ_TIMEOUT)  # type: ignore[misc]
+        assert received(stream) == expected
+    node_b.stop(signal.SIGKILL)
+    await mercure.read_to_end(within=READ_TIMEOUT)
+    mercure.close()
+    later = [await publish(n) for n in range(10, 15)]
+    resumed = await RawStream.connect(
+        node_c.port,
+        "/.well-known/mercure?matchURLPattern=https://example.com/books/:id",
+        headers={"Last-Event-ID": first[-1]},
+    )
+    await resumed.read_until(lambda: len(resumed.events()) >= 5, within=READ_TIMEOUT)
+    assert resumed.headers["last-event-id"] == first[-1]
+    assert received_ids(resumed) == later
+    resumed.close()
+    ours.close()

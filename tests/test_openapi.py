@@ -21,7 +21,7 @@ import broker
 from broker import auth, errors, event, topics
 from broker.config import Config
 from broker.web import cors, openapi, publish, stream
-from tests.conftest import Broker
+from tests.conftest import Broker, BrokerFactory
 
 ROOT = Path(__file__).parents[1]
 OPENAPI = ROOT / "broker" / "openapi.yaml"
@@ -72,7 +72,11 @@ def test_shipped_in_the_package() -> None:
     assert OPENAPI.parent == Path(broker.__file__).parent
 
 
-async def test_every_route_is_documented_and_every_operation_routed(broker: Broker) -> None:
+async def test_every_route_is_documented_and_every_operation_routed(
+    make_broker: BrokerFactory,
+) -> None:
+    # With every optional route on: the subscription API is routed only on request.
+    broker = await make_broker(mercure_subscriptions=True)
     routed = set()
     for route in broker.server.app.router.routes():
         assert route.resource is not None
@@ -175,7 +179,11 @@ def check_event_type(value: str) -> None:
 @settings(max_examples=300, deadline=None)
 @given(value=SAMPLES)
 def test_input_rules_agree_with_the_broker(value: str) -> None:
-    assert document_accepts("Topic", value) == code_accepts(topics.validate_topic, value)
+    # The Mercure hub's namespace is a URL resolution no pattern can state: the document
+    # says it in words.
+    in_namespace = topics.in_hub_namespace(value) if isinstance(value, str) else False
+    documented = document_accepts("Topic", value) and not in_namespace
+    assert documented == code_accepts(topics.validate_topic, value)
     assert document_accepts("TopicPattern", value) == code_accepts(topics.validate_pattern, value)
     assert document_accepts("EventType", value) == code_accepts(check_event_type, value)
     assert document_accepts("IdempotencyKey", value) == code_accepts(

@@ -8,10 +8,9 @@ last, so "received nothing private" is a complete statement, not a timeout.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import re
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
@@ -19,27 +18,22 @@ import pytest
 import redis
 from httpx_sse import ServerSentEvent, aconnect_sse
 
-from tests.conftest import JWT_KEY, Broker, BrokerFactory, events_of, mint
+from tests.conftest import (
+    JWT_KEY,
+    SENTINEL,
+    Broker,
+    BrokerFactory,
+    events_of,
+    mint,
+    until_sentinel,
+)
 
-RECEIVE_TIMEOUT = 10.0
-SENTINEL = "end"
 PUBLISHER = mint(publish=["**"])
 
 
-@pytest.fixture(params=["memory", "redis"])
-def backend(request: pytest.FixtureRequest) -> Iterator[dict[str, Any]]:
-    if request.param == "memory":
-        yield {}
-    else:
-        yield {
-            "redis_url": request.getfixturevalue("redis_url"),
-            "redis_prefix": request.getfixturevalue("redis_prefix"),
-        }
-
-
 @pytest.fixture
-async def secured(make_broker: BrokerFactory, backend: dict[str, Any]) -> Broker:
-    return await make_broker(jwt_key=JWT_KEY, allow_anonymous_publish=False, **backend)
+async def secured(make_broker: BrokerFactory, backend_options: dict[str, Any]) -> Broker:
+    return await make_broker(jwt_key=JWT_KEY, allow_anonymous_publish=False, **backend_options)
 
 
 @contextlib.asynccontextmanager
@@ -57,15 +51,6 @@ async def stream(
     async with aconnect_sse(http, "GET", f"{url}/events", params=params, headers=headers) as source:
         assert source.response.status_code == 200
         yield events_of(source)
-
-
-async def until_sentinel(events: AsyncIterator[ServerSentEvent]) -> list[ServerSentEvent]:
-    received: list[ServerSentEvent] = []
-    while True:
-        event = await asyncio.wait_for(anext(events), RECEIVE_TIMEOUT)
-        if event.data == SENTINEL:
-            return received
-        received.append(event)
 
 
 async def send(

@@ -959,3 +959,31 @@ async def test_a_form_in_an_unknown_charset_is_415(
     assert response.status_code == 415, response.text
     assert response.json()["error"] == "unsupported_media_type"
     assert broker.state.stats.published == 0
+
+
+@pytest.mark.parametrize(
+    "topic",
+    [
+        "/.well-known/mercure/subscriptions/Exact/a/b",
+        "https://any.example/.well-known/mercure/subscriptions/Exact/a/b",
+        "mercure/subscriptions/Exact/a/b",  # relative: resolves under the hub's path
+        "/x/../.well-known/mercure/x",
+    ],
+)
+async def test_the_mercure_namespace_is_refused_here_too(
+    broker: Broker, client: httpx.AsyncClient, topic: str
+) -> None:
+    """Only the hub publishes subscription events; through this API a publisher could
+    forge them for Mercure subscribers as well as through Mercure's own."""
+    response = await client.post(f"{broker.url}/publish", json={"topic": topic, "data": "x"})
+    error_body(response, 400, "invalid_event")
+
+
+async def test_topics_only_mercure_refuses_are_fine_here(
+    broker: Broker, client: httpx.AsyncClient
+) -> None:
+    """Mercure refuses every topic resolving to its hub's own URL (``#general`` does);
+    our API refuses only what lies under it, where subscription events live."""
+    for topic in ("#general", "?", "mercure", "/.well-known/mercure"):
+        response = await client.post(f"{broker.url}/publish", json={"topic": topic, "data": "x"})
+        assert response.status_code == 200, response.text

@@ -23,6 +23,7 @@ from httpx_sse import ServerSentEvent, aconnect_sse
 from redis.typing import EncodableT, FieldT
 
 from broker.backends.redis import (
+    MAX_KEY_TTL_MS,
     REPLAY_BATCH,
     RedisBackend,
     parse_stream_id,
@@ -30,7 +31,8 @@ from broker.backends.redis import (
 )
 from broker.config import Overflow
 from broker.errors import Unavailable
-from broker.event import Event, EventDraft, EventLimits, make_draft
+from broker.event import Event, EventDraft, EventLimits, encode_draft, make_draft
+from broker.history import PREDECESSOR_SCAN
 from broker.hub import Hub
 from broker.metrics import Stats
 from broker.subscriber import MISSED_EVENT, Subscriber
@@ -114,6 +116,18 @@ async def raw_redis(redis_url: str) -> AsyncIterator[redis.asyncio.Redis]:
 
 def draft(topic: str | list[str], data: object, **fields: object) -> EventDraft:
     return make_draft(topic, data, fields.get("event"), fields.get("retry"), limits=LIMITS)
+
+
+def chosen(
+    topic: str,
+    data: str,
+    event_id: str | None = None,
+    *,
+    private: bool = False,
+    key: str | None = None,
+) -> EventDraft:
+    """A draft with the fields HTTP checks for Mercure (an ``id``, ``private``) set."""
+    return encode_draft((topic,), data, private=private, key=key, event_id=event_id)
 
 
 async def stored_entries(
@@ -405,6 +419,225 @@ async def test_replay_of_a_stream_that_does_not_exist_is_missed_and_empty(
     backend, _ = await start_node()
     replay = await backend.replay("1-0", Selector(["t"]))
     assert (replay.events, replay.missed, replay.through) == ([], True, 0)
+
+
+# --- ids chosen by the publisher, and the predecessor ------------------------------------
+
+
+async def test_a_chosen_id_is_stored_returned_and_delivered_live_as_the_event_id(
+    start_node: NodeFactory, raw_redis: redis.asyncio.Redis
+) -> None:
+    backend, hub = await start_node()
+    ids = await backend.publish(
+        [chosen("t", "1", "urn:uuid:1"), chosen("t", "2"), chosen("t", "3", "https://é.example/3")]
+    )
+    (first_entry, first), (second_entry, second), (third_entry, third) = await stored_entries(
+        raw_redis, backend.log_key
+    )
+    assert ids == ["urn:uuid:1", second_entry, "https://é.example/3"]
+    assert first == {b"topics": b"t", b"data": b"1", b"id": b"urn:uuid:1"}
+    assert b"id" not in second
+    assert third[b"id"] == "https://é.example/3".encode()
+    await wait_for(lambda: hub.ids == ids)
+    delivered = hub.batches[0]
+    assert delivered[0].frame == b"id: urn:uuid:1\ndata: 1\n\n"
+    assert [event.seq for event in delivered] == [
+        seq_of(entry) for entry in (first_entry, second_entry, third_entry)
+    ], "positions stay the entries' own, whatever id subscribers see"
+
+
+async def test_a_chosen_id_is_indexed_for_the_history_ttl(
+    start_node: NodeFactory, raw_redis: redis.asyncio.Redis, redis_prefix: str
+) -> None:
+    backend, _ = await start_node(ttl=60)
+    await backend.publish([chosen("t", "1", "x")])
+    ((entry_id, _),) = await stored_entries(raw_redis, backend.log_key)
+    assert await raw_redis.get(f"{redis_prefix}:id:x") == entry_id.encode()
+    assert 0 < await raw_redis.pttl(f"{redis_prefix}:id:x") <= 60_000
+
+
+async def test_the_id_index_ttl_is_capped_like_idempotency_keys(
+    start_node: NodeFactory, raw_redis: redis.asyncio.Redis, redis_prefix: str
+) -> None:
+    backend, _ = await start_node(ttl=1e13)
+    assert await backend.publish([chosen("t", "1", "forever")]) == ["forever"]
+    assert await raw_redis.pttl(f"{redis_prefix}:id:forever") > MAX_KEY_TTL_MS - 60_000
+
+
+async def test_another_node_resumes_from_a_chosen_id_with_exactly_the_later_events(
+    start_node: NodeFactory,
+) -> None:
+    node_a, _ = await start_node()
+    node_b, _ = await start_node()
+    ids = await node_a.publish(
+        [
+            chosen("t", "0"),
+            chosen("t", "1", "x"),
+            chosen("t", "2"),
+            chosen("other", "3"),
+            chosen("t", "4", "y"),
+        ]
+    )
+    replay = await node_b.replay("x", Selector(["t"]))
+    assert not replay.missed
+    assert [event.id for event in replay.events] == [ids[2], "y"]
+    assert [data_of(event) for event in replay.events] == ["2", "4"]
+    assert replay.through == seq_of(ids[2]) + 2
+
+
+async def test_a_reused_chosen_id_resumes_after_its_newest_event(start_node: NodeFactory) -> None:
+    backend, _ = await start_node()
+    await backend.publish([chosen("t", "first", "same"), chosen("t", "between")])
+    await backend.publish([chosen("t", "second", "same"), chosen("t", "after")])
+    replay = await backend.replay("same", Selector(["t"]))
+    assert not replay.missed
+    assert [data_of(event) for event in replay.events] == ["after"]
+
+
+async def test_a_chosen_id_whose_index_key_expired_is_missed(
+    start_node: NodeFactory, raw_redis: redis.asyncio.Redis, redis_prefix: str
+) -> None:
+    """The entry is still in the stream (nothing trimmed it), but nothing can place the
+    id any more: the replay must say so rather than guess."""
+    backend, _ = await start_node(ttl=0.2)
+    await backend.publish([chosen("t", "1", "x"), chosen("t", "2")])
+
+    async def expired() -> bool:
+        return not await raw_redis.exists(f"{redis_prefix}:id:x")
+
+    await wait_until(expired)
+    replay = await backend.replay("x", Selector(["t"]))
+    assert replay.missed
+    assert replay.predecessor is None
+    assert [data_of(event) for event in replay.events] == ["1", "2"]
+
+
+async def test_a_chosen_id_whose_entry_was_trimmed_is_missed(start_node: NodeFactory) -> None:
+    backend, _ = await start_node(max_events=5)
+    await backend.publish([chosen("t", "x", "x")])
+    ids = await backend.publish([chosen("t", str(n)) for n in range(20)])
+    await backend.trim()
+    replay = await backend.replay("x", Selector(["t"]))
+    assert replay.missed
+    assert replay.predecessor is None
+    assert [event.id for event in replay.events] == ids[-5:]
+
+
+async def test_a_keyed_retry_returns_the_chosen_id_and_leaves_the_index_alone(
+    start_node: NodeFactory, raw_redis: redis.asyncio.Redis, redis_prefix: str
+) -> None:
+    backend, _ = await start_node()
+    first = await backend.publish([chosen("t", "first", "x", key="k")])
+    await backend.publish([chosen("t", "reuses the id", "x")])
+    retried = await backend.publish([chosen("t", "first", "x", key="k")])
+    assert first == retried == ["x"]
+    assert retried.fresh == 0
+    entries = await stored_entries(raw_redis, backend.log_key)
+    assert len(entries) == 2
+    assert await raw_redis.get(f"{redis_prefix}:id:x") == entries[1][0].encode()
+
+
+async def test_batches_mixing_keyed_chosen_and_plain_drafts_stay_atomic_and_contiguous(
+    start_node: NodeFactory, raw_redis: redis.asyncio.Redis, redis_prefix: str
+) -> None:
+    node_a, _ = await start_node()
+    node_b, _ = await start_node()
+    batches = [
+        [
+            chosen("t", f"{n}.0"),
+            chosen("t", f"{n}.1", f"id-{n}"),
+            chosen("t", f"{n}.2", key=f"key-{n}"),
+            chosen("t", f"{n}.3", f"keyed-id-{n}", key=f"other-{n}"),
+            chosen("t", f"{n}.4"),
+        ]
+        for n in range(40)
+    ]
+    results = await asyncio.gather(
+        *((node_a if n % 2 else node_b).publish(batch) for n, batch in enumerate(batches))
+    )
+    entries = await stored_entries(raw_redis, node_a.log_key)
+    assert len(entries) == 200
+    order = [fields.get(b"id", entry_id.encode()).decode() for entry_id, fields in entries]
+    for n, ids in enumerate(results):
+        assert (ids[1], ids[3]) == (f"id-{n}", f"keyed-id-{n}")
+        start = order.index(ids[0])
+        assert order[start : start + 5] == ids, "a batch was interleaved with another"
+        indexed = await raw_redis.get(f"{redis_prefix}:id:id-{n}")
+        assert indexed == entries[start + 1][0].encode()
+
+
+async def test_the_predecessor_of_an_empty_replay_is_the_newest_event(
+    start_node: NodeFactory,
+) -> None:
+    backend, _ = await start_node()
+    await backend.publish([chosen("t", "1"), chosen("t", "2", "x")])
+    replay = await backend.replay("x", Selector(["t"]))
+    assert (replay.events, replay.missed, replay.predecessor) == ([], False, "x")
+
+
+async def test_the_predecessor_is_an_event_the_subscriber_would_have_received(
+    start_node: NodeFactory,
+) -> None:
+    backend, _ = await start_node()
+    ids = await backend.publish(
+        [chosen("a", "0"), chosen("b", "1"), chosen("a", "2"), chosen("b", "3")]
+    )
+    replay = await backend.replay(ids[0], Selector(["a"]))
+    assert [event.id for event in replay.events] == [ids[2]]
+    assert replay.predecessor == ids[0], "events of other topics are skipped"
+    replay = await backend.replay(ids[2], Selector(["a"]))
+    assert replay.events == []
+    assert replay.predecessor == ids[2], "the newest wanted event when nothing is replayed"
+
+
+async def test_a_private_predecessor_is_known_only_with_a_matching_grant(
+    start_node: NodeFactory,
+) -> None:
+    backend, _ = await start_node()
+    ids = await backend.publish([chosen("a", "0"), chosen("secret", "1", "hidden", private=True)])
+    wanted = Selector(["a", "secret"])
+    anonymous = await backend.replay("hidden", wanted)
+    granted = await backend.replay("hidden", wanted, Selector(["secret"]))
+    other_grant = await backend.replay("hidden", wanted, Selector(["other"]))
+    assert anonymous.events == granted.events == []
+    assert anonymous.predecessor == ids[0]
+    assert other_grant.predecessor == ids[0]
+    assert granted.predecessor == "hidden"
+
+
+async def test_the_predecessor_scan_stops_after_its_limit(start_node: NodeFactory) -> None:
+    """Past ``PREDECESSOR_SCAN`` entries none visible, the answer is None even though a
+    public event lies just beyond: the scan reads several batches and stops exactly."""
+    backend, _ = await start_node()
+    (public,) = await backend.publish([chosen("a", "public")])
+    hidden = await backend.publish(
+        [chosen("secret", str(n), private=True) for n in range(PREDECESSOR_SCAN - 1)]
+    )
+    assert (await backend.replay(hidden[-1], Selector(["a", "secret"]))).predecessor == public
+    (last,) = await backend.publish([chosen("secret", "one more", private=True)])
+    replay = await backend.replay(last, Selector(["a", "secret"]))
+    assert (replay.missed, replay.predecessor) == (False, None)
+    granted = await backend.replay(last, Selector(["a", "secret"]), Selector(["secret"]))
+    assert granted.predecessor == last
+
+
+async def test_a_malformed_entry_is_skipped_by_the_predecessor_scan(
+    start_node: NodeFactory, raw_redis: redis.asyncio.Redis
+) -> None:
+    backend, _ = await start_node()
+    (before,) = await backend.publish([chosen("t", "before")])
+    await add_entry(raw_redis, backend.log_key, {"topics": "t", "data": "x", "id": "a\nb"})
+    last = await add_entry(raw_redis, backend.log_key, {"topics": "t"})  # no data
+    replay = await backend.replay(last, Selector(["t"]))
+    assert (replay.events, replay.missed, replay.predecessor) == ([], False, before)
+
+
+async def test_a_missed_replay_has_no_predecessor(start_node: NodeFactory) -> None:
+    backend, _ = await start_node()
+    await backend.publish([chosen("t", "1"), chosen("t", "2")])
+    replay = await backend.replay("not-an-id", Selector(["t"]))
+    assert replay.missed
+    assert replay.predecessor is None
 
 
 # --- trimming and the cached size ------------------------------------------------------

@@ -16,7 +16,7 @@ import orjson
 import pytest
 import redis
 import redis.asyncio
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from redis.exceptions import ResponseError
 
@@ -31,7 +31,7 @@ from broker.errors import ClientError
 from broker.event import MAX_RETRY_MS, Event, EventLimits, make_draft
 from broker.metrics import Stats
 from broker.subscriber import Subscriber
-from broker.topics import Selector
+from broker.topics import Selector, in_hub_namespace
 from tests.conftest import BrokerFactory, RawStream, RedisServer, publish, wait_for
 
 SMALL = EventLimits(max_topics=3, max_event_bytes=200)
@@ -99,6 +99,9 @@ def test_the_function_accepts_and_stores_exactly_what_the_http_path_does(
     event: str | None,
     retry: int | None,
 ) -> None:
+    # The hub's namespace is refused over HTTP only: whoever can call the function can
+    # write the stream directly anyway.
+    assume(not any(in_hub_namespace(topic) for topic in topics))
     load_small_library(sync_redis, redis_prefix)
     args = ["\n".join(topics), data, event or "", "" if retry is None else str(retry)]
     try:

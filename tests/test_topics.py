@@ -124,3 +124,22 @@ def test_index_agrees_with_pattern_matches(patterns: list[str], topics: list[str
     for number, pattern in enumerate(patterns):
         index.remove(pattern, number)
     assert len(index) == 0
+
+
+def test_selector_exact_topics_match_byte_for_byte() -> None:
+    selector = Selector(exact=["a/*", "https://Example.com/x"])
+    assert selector.matches_any(["a/*"])
+    assert not selector.matches_any(["a/b", "https://example.com/x"])
+    assert len(selector) == 2
+
+
+def test_index_exact_entries_coexist_with_patterns() -> None:
+    index: TopicIndex[str] = TopicIndex()
+    index.add_exact("a/*", "literal")
+    index.add("a/*", "pattern")
+    # A topic with a "*" segment walks the wildcard branch twice; the hub merges groups.
+    assert {s for group in index.match("a/*") for s in group} == {"literal", "pattern"}
+    assert [s for group in index.match("a/b") for s in group] == ["pattern"]
+    index.remove_exact("a/*", "literal")
+    index.remove("a/*", "pattern")
+    assert len(index) == 0

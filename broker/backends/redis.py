@@ -10,7 +10,9 @@ Keys (``<prefix>`` is ``--redis-prefix``):
   - ``event``: the event type, absent when there is none;
   - ``retry``: the client reconnection delay in milliseconds, in decimal, absent when
     there is none;
-  - ``private``: ``1`` for an event only entitled subscribers receive, absent otherwise.
+  - ``private``: ``1`` for an event only entitled subscribers receive, absent otherwise;
+  - ``id``: the event id the publisher chose (Mercure's ``id``), absent when it chose
+    none and the entry id serves.
 
   Raw fields rather than SSE bytes, so that any Redis client can read the log, and write
   it through the same checks (a later Redis Function); each node encodes an entry once,
@@ -18,6 +20,9 @@ Keys (``<prefix>`` is ``--redis-prefix``):
 * ``<prefix>:key:<idempotency key>``: the id of the event published with that key, kept
   for the history's TTL, so a retried publish on any node gets the first id back
   (``KEYED_PUBLISH``).
+* ``<prefix>:id:<chosen id>``: the entry id of the newest event published with that
+  ``id``, kept for the history's TTL and written in the same step as the entry
+  (``KEYED_PUBLISH``), so that a subscriber can resume from a chosen id on any node.
 * ``<prefix>:epoch``: a random token, set by the first node that reaches this Redis. A
   node that finds another token after a reconnect knows Redis lost its data.
 * The function library ``sse_broker_v<N>_<prefix>`` with ``<prefix>_publish``, which
@@ -29,15 +34,17 @@ Keys (``<prefix>`` is ``--redis-prefix``):
   and no replay: it never enters the log, so it has no position a client could resume
   from (``_listen``).
 
-The entry id is the event id, so ids are identical on every node, and a subscriber can
-resume on any node. Publishing appends (``MULTI``/``XADD … MAXLEN ~ history-size``/
-``EXEC``, so a batch is contiguous and atomic) and answers once Redis acknowledged; it does
-not fan out. One task per node tails the stream from the last id it delivered (``_tail``)
-and hands each batch to the hub: every node, the publishing one included, delivers in the
-stream's order. That task also owns the connection state: when Redis goes away it
-reconnects with backoff and resumes after the last id it delivered, and when events it had
-not read are gone (Redis came back empty, or trimming passed it by) it tells every stream
-``broker.missed``.
+The entry id is the event id unless the publisher chose one (the ``id`` field); either
+way ids are identical on every node, and a subscriber can resume on any node: a replay
+looks a chosen id up in ``<prefix>:id:``, and takes any other as an entry id. Publishing
+appends (``MULTI``/``XADD … MAXLEN ~ history-size``/``EXEC``, or one script when a draft
+has an idempotency key or a chosen id, so a batch is contiguous and atomic) and answers
+once Redis acknowledged; it does not fan out. One task per node tails the stream from the
+last id it delivered (``_tail``) and hands each batch to the hub: every node, the
+publishing one included, delivers in the stream's order. That task also owns the
+connection state: when Redis goes away it reconnects with backoff and resumes after the
+last id it delivered, and when events it had not read are gone (Redis came back empty, or
+trimming passed it by) it tells every stream ``broker.missed``.
 
 Needs Redis 7.0 or later (``XINFO STREAM`` entries-added, ``SET … NX GET``).
 """
@@ -68,7 +75,7 @@ from broker.backends.redis_functions import library_source
 from broker.config import Config, redacted_url
 from broker.errors import ClientError, Unavailable
 from broker.event import Event, EventDraft, EventLimits, encode_draft, make_draft
-from broker.history import Replay
+from broker.history import PREDECESSOR_SCAN, Replay
 from broker.hub import Hub
 from broker.metrics import Stats
 from broker.topics import Selector
@@ -78,6 +85,10 @@ logger = logging.getLogger(__name__)
 # Entries one tail read (XREAD COUNT) and one replay read (XRANGE COUNT) take at most.
 TAIL_BATCH = 1000
 REPLAY_BATCH = 1000
+# Entries one read of the predecessor scan (XREVRANGE COUNT) takes at most: usually the
+# first entry read is the predecessor, so a full ``PREDECESSOR_SCAN`` at once would mostly
+# fetch entries for nothing.
+PREDECESSOR_BATCH = 100
 # How long the tail's XREAD blocks before it reads again; bounds how late it notices a
 # Redis that hangs without closing the connection (plus COMMAND_TIMEOUT).
 TAIL_BLOCK_MS = 1000
@@ -86,9 +97,10 @@ CONNECT_TIMEOUT = 2.0
 BACKOFF_FIRST = 0.05
 BACKOFF_MAX = 2.0
 RETRY_AFTER = 1
-# The longest idempotency key TTL (about 31,700 years): Redis refuses an expiry that
-# overflows its 64-bit millisecond clock, and in KEYED_PUBLISH that SET fails only after
-# the XADD it keys, which would log the event and still answer 503.
+# The longest TTL of idempotency keys and of the id index (about 31,700 years): Redis
+# refuses an expiry that overflows its 64-bit millisecond clock, and in KEYED_PUBLISH
+# such a SET fails only after the XADD it keys, which would log the event and still
+# answer 503.
 MAX_KEY_TTL_MS = 10**15
 
 _STREAM_ID = re.compile(r"([0-9]{1,20})-([0-9]{1,20})")  # ASCII digits only
@@ -138,28 +150,39 @@ def stored_fields(draft: EventDraft) -> dict[FieldT, EncodableT]:
         fields["retry"] = str(draft.retry)
     if draft.private:
         fields["private"] = "1"
+    if draft.id is not None:
+        fields["id"] = draft.id
     return fields
 
 
-# A batch with idempotency keys, in one atomic step: an event whose key is already
-# stored is not appended again, and its first id is returned in its place. KEYS: the log,
-# then the batch's idempotency keys. ARGV: MAXLEN, the keys' TTL in ms, then per event
-# its key's position in KEYS (0: no key), its number of fields, and the fields. Returns the
-# ids, then the number of events appended.
+# A batch with idempotency keys or chosen ids, in one atomic step: an event whose key is
+# already stored is not appended again (nor indexed), and its first id is returned in its
+# place; an appended event with a chosen id points ``<prefix>:id:<id>`` at its entry.
+# KEYS: the log, then the batch's idempotency keys and id index keys. ARGV: MAXLEN, the
+# keys' TTL in ms, then per event the positions in KEYS of its idempotency key and of its
+# id index key (0: none), its number of field arguments, and the fields. Returns the event
+# ids (the chosen id, or else the entry id), then the number of events appended.
 KEYED_PUBLISH = """
 local maxlen, ttl = ARGV[1], ARGV[2]
 local ids, fresh, fresh_count = {}, {}, 0
 local i = 3
 while i <= #ARGV do
-  local slot, count = tonumber(ARGV[i]), tonumber(ARGV[i + 1])
+  local slot, id_slot, count = tonumber(ARGV[i]), tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2])
   local key = slot > 0 and KEYS[slot] or nil
   local known = key and (fresh[key] or redis.call('GET', key))
   if known then
     ids[#ids + 1] = known
   else
     local command = {'XADD', KEYS[1], 'MAXLEN', '~', maxlen, '*'}
-    for f = i + 2, i + 1 + count do command[#command + 1] = ARGV[f] end
-    local id = redis.call(unpack(command))
+    local chosen
+    for f = i + 3, i + 2 + count, 2 do
+      command[#command + 1] = ARGV[f]
+      command[#command + 1] = ARGV[f + 1]
+      if ARGV[f] == 'id' then chosen = ARGV[f + 1] end
+    end
+    local entry_id = redis.call(unpack(command))
+    if id_slot > 0 then redis.call('SET', KEYS[id_slot], entry_id, 'PX', ttl) end
+    local id = chosen or entry_id
     if key then
       redis.call('SET', key, id, 'PX', ttl)
       fresh[key] = id
@@ -167,7 +190,7 @@ while i <= #ARGV do
     ids[#ids + 1] = id
     fresh_count = fresh_count + 1
   end
-  i = i + 2 + count
+  i = i + 3 + count
 end
 ids[#ids + 1] = fresh_count
 return ids
@@ -191,7 +214,11 @@ def entry_topics(fields: dict[bytes, bytes]) -> tuple[str, ...]:
 def entry_event(
     entry_id: bytes, fields: dict[bytes, bytes], topics: tuple[str, ...], created: float
 ) -> Event:
-    """Encode one stream entry as a logged event; its fields were checked when published."""
+    """Encode one stream entry as a logged event; its fields were checked when published.
+
+    Its ``seq`` is always the entry id's position, also when the publisher chose the id
+    subscribers see, so that replay and the tail order and de-duplicate as ever.
+    """
     text_id = entry_id.decode("ascii")
     position = parse_stream_id(text_id)
     data = fields.get(b"data")
@@ -199,6 +226,9 @@ def entry_event(
         raise MalformedEntry("it has no 'data' field")
     event_type = fields.get(b"event")
     retry = fields.get(b"retry")
+    chosen = fields.get(b"id")
+    if chosen == b"":
+        raise MalformedEntry("its 'id' field is empty")
     try:
         draft = encode_draft(
             topics,
@@ -207,9 +237,16 @@ def entry_event(
             None if retry is None else int(retry),
             private=fields.get(b"private") == b"1",
         )
-    except ValueError as exc:  # bad UTF-8, a bad retry, a line break in the event type
+        event_id = text_id if chosen is None else chosen.decode("utf-8")
+        return Event.build(stream_seq(position), event_id, draft, created)
+    except ValueError as exc:  # bad UTF-8, a bad retry, a line break in the event type or id
         raise MalformedEntry(str(exc)) from None
-    return Event.build(stream_seq(position), text_id, draft, created)
+
+
+def entry_stream_id(event: Event) -> str:
+    """The entry id of an event read from the stream (see ``stream_seq``), which its
+    ``id`` is not when the publisher chose that."""
+    return f"{event.seq >> 64}-{event.seq & _MAX_ID_PART}"
 
 
 def _no_such_key(result: object) -> bool:
@@ -233,6 +270,7 @@ class RedisBackend:
         self._log_key = f"{prefix}:log"
         self._epoch_key = f"{prefix}:epoch"
         self._key_prefix = f"{prefix}:key:"
+        self._id_prefix = f"{prefix}:id:"
         self._channel_prefix = f"{prefix}:topic:".encode()
         self._max_events = max_events
         self._ttl = ttl
@@ -331,7 +369,7 @@ class RedisBackend:
                 "the event log (Redis) has not been reached yet", retry_after=RETRY_AFTER
             )
         try:
-            if any(draft.key is not None for draft in drafts):
+            if any(draft.key is not None or draft.id is not None for draft in drafts):
                 ids, fresh = await self._publish_keyed(drafts)
             else:
                 pipe = self._redis.pipeline(transaction=True)
@@ -354,21 +392,25 @@ class RedisBackend:
             raise Unavailable(
                 f"the event log (Redis) refused the write: {exc}", retry_after=RETRY_AFTER
             ) from None
-        return Published([entry_id.decode("ascii") for entry_id in ids], fresh)
+        return Published([event_id.decode("utf-8") for event_id in ids], fresh)
 
     async def _publish_keyed(self, drafts: list[EventDraft]) -> tuple[list[bytes], int]:
         keys: list[str] = [self._log_key]
         slots: dict[str, int] = {}
+
+        def slot_of(name: str) -> int:
+            slot = slots.get(name)
+            if slot is None:
+                keys.append(name)
+                slot = slots[name] = len(keys)
+            return slot
+
         args: list[EncodableT] = [self._max_events, self._key_ttl_ms]
         for draft in drafts:
-            slot = 0
-            if draft.key is not None:
-                slot = slots.get(draft.key, 0)
-                if not slot:
-                    keys.append(self._key_prefix + draft.key)
-                    slot = slots[draft.key] = len(keys)
+            key_slot = 0 if draft.key is None else slot_of(self._key_prefix + draft.key)
+            id_slot = 0 if draft.id is None else slot_of(self._id_prefix + draft.id)
             fields = stored_fields(draft)
-            args += [slot, len(fields) * 2]
+            args += [key_slot, id_slot, len(fields) * 2]
             for name, value in fields.items():
                 args += [name, value]
         reply: list[Any] = await self._keyed_publish(keys=keys, args=args)
@@ -382,12 +424,15 @@ class RedisBackend:
         """Entries after ``last_id`` that ``selector`` wants and ``grants`` allow (see
         ``Event.readable_by``), read from the stream.
 
+        A ``last_id`` the id index knows (a chosen id, ``<prefix>:id:``) stands for the
+        entry it names; any other must be an entry id itself.
         ``through`` is the stream's last-generated id when the read began, so events the
         tail offers later and the replay already holds are skipped (``skip_through``).
-        ``missed`` when events after ``last_id`` may be gone: it is not a stream id, it is
-        newer than anything this stream generated (a Redis that restarted empty), or its
-        entry is no longer in the stream (trimmed, or never in it). Then every retained
-        matching entry is replayed, as the in-memory log does.
+        ``missed`` when events after ``last_id`` may be gone: it is neither indexed nor a
+        stream id, it is newer than anything this stream generated (a Redis that restarted
+        empty), or its entry is no longer in the stream (trimmed, or never in it). Then
+        every retained matching entry is replayed, as the in-memory log does.
+        ``predecessor`` is found as ``EventLog.since`` finds it (see ``Replay``).
         """
         try:
             return await self._read_replay(last_id, selector, grants)
@@ -404,6 +449,10 @@ class RedisBackend:
     async def _read_replay(
         self, last_id: str, selector: Selector, grants: Selector | None
     ) -> Replay:
+        indexed = await self._redis.get(self._id_prefix + last_id)
+        if isinstance(indexed, bytes):
+            # Whatever else wrote the key, a value that is no entry id is simply missed.
+            last_id = indexed.decode("ascii", "replace")
         position = parse_stream_id(last_id)
         pipe = self._redis.pipeline(transaction=True)
         pipe.xinfo_stream(self._log_key)
@@ -422,12 +471,44 @@ class RedisBackend:
         assert head is not None
         through = stream_seq(head)
         if position == head:
-            return Replay([], missed=False, through=through)
+            predecessor = await self._readable_before(head_id, selector, grants)
+            return Replay([], missed=False, through=through, predecessor=predecessor)
         retained = position is not None and position < head and bool(results[1])
         events, gap = await self._read_range(
             last_id if retained else None, head_id, selector, grants
         )
-        return Replay(events, missed=not retained or gap, through=through)
+        if not retained or gap:
+            return Replay(events, missed=True, through=through)
+        # Before the first event replayed, or from the head on when there is none.
+        bound = f"({entry_stream_id(events[0])}" if events else head_id
+        predecessor = await self._readable_before(bound, selector, grants)
+        return Replay(events, missed=False, through=through, predecessor=predecessor)
+
+    async def _readable_before(
+        self, bound: str, selector: Selector, grants: Selector | None
+    ) -> str | None:
+        """The id of the newest event this subscriber would receive (``Event.readable_by``),
+        from ``bound`` (an ``XREVRANGE`` end: ``(<id>`` excludes the entry) backwards,
+        among at most ``PREDECESSOR_SCAN`` entries."""
+        created = time.monotonic()
+        left = PREDECESSOR_SCAN
+        while left > 0:
+            count = min(PREDECESSOR_BATCH, left)
+            reply: Any = await self._redis.xrevrange(self._log_key, bound, "-", count=count)
+            batch: list[Entry] = reply
+            for entry_id, fields in batch:
+                try:
+                    event = entry_event(entry_id, fields, entry_topics(fields), created)
+                except MalformedEntry as exc:
+                    logger.warning("skipping stream entry %s: %s", entry_id, exc)
+                    continue
+                if event.readable_by(selector, grants):
+                    return event.id
+            if len(batch) < count:
+                return None
+            left -= count
+            bound = f"({batch[-1][0].decode('ascii')}"
+        return None
 
     async def _read_range(
         self, after: str | None, head_id: str, selector: Selector, grants: Selector | None

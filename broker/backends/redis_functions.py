@@ -3,7 +3,8 @@
 ``FCALL <prefix>_publish 0 <topic> <data> [event] [retry] [private]`` appends one event to
 ``<prefix>:log`` and returns its id, after the checks ``broker.event.make_draft`` makes
 on the HTTP path, so an event written this way is indistinguishable from one published
-over HTTP: same fields (``stored_fields``), same ``MAXLEN ~``, same limits.
+over HTTP: same fields (``stored_fields``), same ``MAXLEN ~``, same limits. It takes no
+idempotency key and no chosen ``id``: such an event's id is always its entry id.
 
 The library is generated per prefix (the function's name carries it, and so does the
 library's, so that brokers with different prefixes on one Redis do not replace each

@@ -25,7 +25,9 @@ from broker.event import EventLimits
 from broker.hub import Hub
 from broker.limits import PublishLimiter
 from broker.metrics import Gauges, Metrics, Stats
-from broker.web import cors, demo, health, openapi, publish, stream
+from broker.subscriptions import Registry
+from broker.topics import HUB_PATH
+from broker.web import cors, demo, health, mercure, openapi, publish, stream, subscriptions
 from broker.web.errors import error_middleware
 from broker.web.state import STATE, BrokerState
 
@@ -58,7 +60,14 @@ def create_app(config: Config, backend: Backend | None = None) -> web.Applicatio
     app.router.add_get("/openapi.yaml", openapi.handle_openapi)
     if config.demo:
         app.router.add_get("/", demo.handle_demo)
-    cors.install(app, config.cors_origins)
+    paths = ["/events", "/publish"]
+    if config.mercure:
+        mercure.install(app, HUB_PATH)
+        paths.append(HUB_PATH)
+        if config.mercure_subscriptions:
+            state.subscriptions = Registry(hub, backend)
+            subscriptions.install(app)
+    cors.install(app, config.cors_origins, paths)
     app.cleanup_ctx.append(_lifecycle)
     app.on_shutdown.append(_end_streams)
     return app
@@ -94,11 +103,15 @@ def make_backend(config: Config, stats: Stats) -> Backend:
 async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     state = app[STATE]
     await state.backend.start(state.hub)
+    if state.subscriptions is not None:
+        await state.subscriptions.start()
     ticker = asyncio.create_task(_tick(state), name="broker-heartbeat")
     yield
     ticker.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await ticker
+    if state.subscriptions is not None:
+        await state.subscriptions.close()
     await state.backend.close()
 
 

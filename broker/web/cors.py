@@ -8,6 +8,8 @@ response is prepared, because a stream's headers leave before its handler return
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from aiohttp import web
 
 from broker.errors import OriginNotAllowed
@@ -15,8 +17,9 @@ from broker.errors import OriginNotAllowed
 ALLOWED_METHODS = "GET, POST, OPTIONS"
 ALLOWED_HEADERS = "Content-Type, Last-Event-ID, Authorization, Idempotency-Key"
 PREFLIGHT_MAX_AGE = "600"
-# Response headers a page's script may read: when to retry, and why a token was refused.
-EXPOSED_HEADERS = "Retry-After, WWW-Authenticate"
+# Response headers a page's script may read: when to retry, why a token was refused, and
+# (Mercure) where a resumed stream really starts.
+EXPOSED_HEADERS = "Retry-After, WWW-Authenticate, Last-Event-ID, Link"
 
 
 class CorsPolicy:
@@ -59,8 +62,8 @@ class CorsPolicy:
         )
 
 
-def install(app: web.Application, origins: tuple[str, ...]) -> None:
+def install(app: web.Application, origins: tuple[str, ...], paths: Iterable[str]) -> None:
     policy = CorsPolicy(origins)
     app.on_response_prepare.append(policy.add_headers)
-    for path in ("/events", "/publish"):
+    for path in paths:
         app.router.add_route("OPTIONS", path, policy.preflight)

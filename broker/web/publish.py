@@ -18,9 +18,10 @@ needs no rewrapping.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import time
-from collections.abc import AsyncIterator, Sequence
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Sequence
+from typing import Any, TypeVar
 
 import orjson
 from aiohttp import StreamReader, web
@@ -48,6 +49,8 @@ FORM_TYPES = frozenset({"application/x-www-form-urlencoded"})
 NDJSON_TYPES = frozenset({"application/x-ndjson", "application/jsonl", "application/jsonlines"})
 EVENT_FIELDS = frozenset({"topic", "data", "event", "retry", "private", "key"})
 
+T = TypeVar("T")
+
 
 async def handle_publish(request: web.Request) -> web.Response:
     state = request.app[STATE]
@@ -62,32 +65,41 @@ async def handle_publish(request: web.Request) -> web.Response:
             f"Content-Type {content_type!r} is not accepted; use application/json, "
             "application/x-www-form-urlencoded or application/x-ndjson"
         )
+    if content_type in FORM_TYPES:
+        drafts = [await read_body(request, state, _form_draft(request, state.limits, defaults))]
+        single = True
+    else:
+        drafts, single = _json_drafts(
+            await read_body(request, state, request.read()), state.limits, defaults
+        )
+    check_publish(grants, (draft.topics for draft in drafts))
+    subject = None if grants is None else grants.subject
+    _assign_keys(drafts, key, None if single else 0, subject)
+    charge(request, state, subject, len(drafts))
+    ids = await publish_drafts(request, state, drafts, subject)
+    return web.json_response({"id": ids[0]} if single else {"ids": ids})
+
+
+async def read_body(request: web.Request, state: BrokerState, reading: Awaitable[T]) -> T:
+    """Await ``reading`` (of the request's body) within the body size and time limits,
+    turning aiohttp's ways of failing into our client errors."""
+    limit = state.config.max_body_bytes
     length = request.content_length
-    if length is not None and length > state.config.max_body_bytes:
-        raise PayloadTooLarge(f"body is {length} bytes; the limit is {state.config.max_body_bytes}")
+    if length is not None and length > limit:
+        if inspect.iscoroutine(reading):
+            reading.close()
+        raise PayloadTooLarge(f"body is {length} bytes; the limit is {limit}")
     try:
         async with asyncio.timeout(state.config.body_timeout):
-            if content_type in FORM_TYPES:
-                drafts = [await _form_draft(request, state.limits, defaults)]
-                single = True
-            else:
-                drafts, single = _json_drafts(await request.read(), state.limits, defaults)
+            return await reading
     except web.HTTPRequestEntityTooLarge:
-        raise PayloadTooLarge(
-            f"the body is larger than the limit of {state.config.max_body_bytes} bytes"
-        ) from None
+        raise PayloadTooLarge(f"the body is larger than the limit of {limit} bytes") from None
     except TimeoutError:
         raise RequestTimeout(
             f"the body did not arrive within {state.config.body_timeout:g} s"
         ) from None
     except web.RequestPayloadError as exc:
         raise InvalidBody(_unreadable(exc)) from None
-    check_publish(grants, (draft.topics for draft in drafts))
-    subject = None if grants is None else grants.subject
-    _assign_keys(drafts, key, None if single else 0, subject)
-    charge(request, state, subject, len(drafts))
-    ids = await _publish(request, state, drafts, subject)
-    return web.json_response({"id": ids[0]} if single else {"ids": ids})
 
 
 def _idempotency_key(request: web.Request) -> str | None:
@@ -118,7 +130,7 @@ def _assign_keys(
             draft.key = f"{subject}|{draft.key}"
 
 
-async def _publish(
+async def publish_drafts(
     request: web.Request, state: BrokerState, drafts: list[EventDraft], subject: str | None
 ) -> Published:
     """Publish drafts already charged to the publisher's rate, and give back the charge
@@ -196,21 +208,7 @@ def _json_drafts(
 async def _form_draft(
     request: web.Request, limits: EventLimits, defaults: Sequence[str]
 ) -> EventDraft:
-    try:
-        form = await request.post()
-    except UnicodeDecodeError:
-        raise InvalidBody("the form is not valid UTF-8") from None
-    except LookupError:
-        raise UnsupportedMediaType(
-            f"the form's charset {request.charset!r} is unknown; send UTF-8"
-        ) from None
-    except ValueError as exc:
-        raise InvalidBody(f"the form cannot be parsed: {exc}") from None
-    fields: dict[str, list[str]] = {}
-    for key, value in form.items():
-        if not isinstance(value, str):
-            raise InvalidBody(f"form field {key!r} must be text, not a file")
-        fields.setdefault(key, []).append(value)
+    fields = await read_form(request)
     retry: object = None
     if "retry" in fields:
         text = fields["retry"][0]
@@ -226,6 +224,26 @@ async def _form_draft(
         default_topics=defaults,
         private="private" in fields,
     )
+
+
+async def read_form(request: web.Request) -> dict[str, list[str]]:
+    """A form body's fields, each with its values in order; files are refused."""
+    try:
+        form = await request.post()
+    except UnicodeDecodeError:
+        raise InvalidBody("the form is not valid UTF-8") from None
+    except LookupError:
+        raise UnsupportedMediaType(
+            f"the form's charset {request.charset!r} is unknown; send UTF-8"
+        ) from None
+    except ValueError as exc:
+        raise InvalidBody(f"the form cannot be parsed: {exc}") from None
+    fields: dict[str, list[str]] = {}
+    for key, value in form.items():
+        if not isinstance(value, str):
+            raise InvalidBody(f"form field {key!r} must be text, not a file")
+        fields.setdefault(key, []).append(value)
+    return fields
 
 
 async def _lines(
@@ -351,7 +369,7 @@ async def _publish_read(
     while start < len(drafts):
         try:
             count = charge_up_to(request, state, subject, len(drafts) - start)
-            done += await _publish(request, state, drafts[start : start + count], subject)
+            done += await publish_drafts(request, state, drafts[start : start + count], subject)
         except (TooManyRequests, Unavailable) as exc:
             so_far = [*published, *done]
             raise type(exc)(

@@ -13,6 +13,7 @@ from broker.event import EventLimits
 from broker.hub import Hub
 from broker.limits import PublishLimiter
 from broker.metrics import Metrics, Stats
+from broker.subscriptions import Registry
 
 
 @dataclasses.dataclass(slots=True)
@@ -25,6 +26,8 @@ class BrokerState:
     limits: EventLimits
     gatekeeper: Gatekeeper
     publish_limiter: PublishLimiter | None = None
+    # Mercure's active subscriptions (--mercure-subscriptions).
+    subscriptions: Registry | None = None
 
 
 STATE = web.AppKey("state", BrokerState)

@@ -10,13 +10,20 @@ the queued events it already covered. Together: no gap and no duplicate at the s
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
+import random
+import time
+from collections.abc import Callable, Mapping
 
 from aiohttp import web
 from aiohttp.http import HttpVersion11
 
 from broker import sse
+from broker.auth import Grants
+from broker.backends import Backend
 from broker.errors import InvalidSubscription, TooManyConnections, TooManyRequests, Unavailable
+from broker.history import Replay
 from broker.limits import request_address
 from broker.subscriber import CloseReason, Subscriber
 from broker.topics import Selector, TopicError, validate_pattern
@@ -25,6 +32,9 @@ from broker.web.state import STATE
 logger = logging.getLogger(__name__)
 
 MAX_LAST_EVENT_ID_LENGTH = 1024
+# Mercure's resume point meaning "all the history there is" (no id can be this: Mercure
+# ids are IRIs, ours contain a dash).
+EARLIEST = "earliest"
 STREAM_HEADERS = {
     "Content-Type": "text/event-stream; charset=utf-8",
     "Cache-Control": "no-cache",
@@ -40,7 +50,7 @@ def parse_selector(patterns: list[str], max_topics: int) -> Selector:
     except TopicError as exc:
         raise InvalidSubscription(str(exc)) from None
     selector = Selector(checked)
-    if len(selector.patterns) > max_topics:
+    if len(selector) > max_topics:
         raise InvalidSubscription(f"a subscription may have at most {max_topics} topics")
     return selector
 
@@ -71,10 +81,32 @@ def last_event_id(request: web.Request) -> str | None:
 
 async def handle_events(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
-    config = state.config
-    selector = parse_selector(request.query.getall("topic", []), config.max_topics)
+    selector = parse_selector(request.query.getall("topic", []), state.config.max_topics)
     resume_from = last_event_id(request)
-    token_grants = state.gatekeeper.subscriber(request)
+    grants = state.gatekeeper.subscriber(request)
+    return await open_stream(request, selector, grants, resume_from)
+
+
+async def open_stream(
+    request: web.Request,
+    selector: Selector,
+    token_grants: Grants | None,
+    resume_from: str | None,
+    *,
+    headers: Mapping[str, str] = STREAM_HEADERS,
+    resume_header: bool = False,
+    on_open: Callable[[Subscriber], None] | None = None,
+) -> web.StreamResponse:
+    """Serve one stream: limits, registration, the head, the opening bytes, any replay,
+    then the take-over. Shared by ``/events`` and Mercure's endpoint.
+
+    ``resume_header``: when resuming, read the replay before the head and report its
+    ``predecessor`` in a ``Last-Event-ID`` response header (Mercure's data-loss check);
+    ``earliest`` as ``resume_from`` then replays all history. ``on_open`` is called once
+    the stream is registered and its head about to be sent (subscription events).
+    """
+    state = request.app[STATE]
+    config = state.config
     grants = None if token_grants is None else token_grants.subscribe
     if config.max_connections and state.hub.connection_count >= config.max_connections:
         raise TooManyConnections(
@@ -98,14 +130,26 @@ async def handle_events(request: web.Request) -> web.StreamResponse:
         grants=grants,
         peer=address,
     )
-    response = web.StreamResponse(headers=STREAM_HEADERS)
+    response = web.StreamResponse(headers=headers)
     chunked = request.version >= HttpVersion11
     if chunked:
         response.enable_chunked_encoding()
     state.hub.subscribe(subscriber)
-    if token_grants is not None and token_grants.expires is not None:
-        subscriber.end_at(token_grants.expires)
+    end = _end_time(token_grants, config.max_stream_age)
+    if end is not None:
+        subscriber.end_at(end)
+    replay: Replay | None = None
+    unavailable: Unavailable | None = None
     try:
+        if resume_from is not None and resume_header:
+            try:
+                replay = await _read_replay(state.backend, resume_from, selector, grants)
+            except Unavailable as exc:
+                unavailable = exc
+            else:
+                response.headers["Last-Event-ID"] = replay.predecessor or EARLIEST
+        if on_open is not None:
+            on_open(subscriber)
         await response.prepare(request)
         transport = request.transport
         if transport is None:
@@ -113,8 +157,11 @@ async def handle_events(request: web.Request) -> web.StreamResponse:
         subscriber.attach(transport, chunked=chunked)
         await response.write(sse.encode_retry(config.retry)[:-1] + sse.encode_comment("ok"))
         drain = request.writer.drain
+        if unavailable is not None:
+            raise unavailable
         if resume_from is not None:
-            replay = await state.backend.replay(resume_from, selector, grants)
+            if replay is None:
+                replay = await state.backend.replay(resume_from, selector, grants)
             await subscriber.send_replay(replay, resume_from, drain)
         await drain()
     except asyncio.CancelledError:
@@ -135,7 +182,7 @@ async def handle_events(request: web.Request) -> web.StreamResponse:
         return response
     except Exception:
         # Headers are out, so no error response is possible: end the stream, keep the bug.
-        logger.exception("event stream for %s failed", list(selector.patterns))
+        logger.exception("event stream for %r failed", selector)
         subscriber.close(CloseReason.ERROR)
         state.hub.forget(subscriber)
         return response
@@ -145,6 +192,30 @@ async def handle_events(request: web.Request) -> web.StreamResponse:
     subscriber.take_over()
     release_connection(request)
     return response
+
+
+def _end_time(grants: Grants | None, max_age: float) -> float | None:
+    """When a stream must end (Unix time): at its token's ``exp``, and after
+    ``--max-stream-age``, which alone ends streams whose token can no longer be revoked.
+    The age is shortened by up to a tenth at random, so that streams opened together
+    (after a restart, say) do not all come back in the same instant."""
+    ends = []
+    if grants is not None and grants.expires is not None:
+        ends.append(grants.expires)
+    if max_age > 0:
+        ends.append(time.time() + max_age * (1 - random.random() / 10))
+    return min(ends, default=None)
+
+
+async def _read_replay(
+    backend: Backend, resume_from: str, selector: Selector, grants: Selector | None
+) -> Replay:
+    if resume_from != EARLIEST:
+        return await backend.replay(resume_from, selector, grants)
+    # No event bears this id, so the log replays everything it holds; nothing is
+    # "missed" when everything was asked for.
+    replay = await backend.replay(resume_from, selector, grants)
+    return dataclasses.replace(replay, missed=False, predecessor=None)
 
 
 def release_connection(request: web.Request) -> None:

@@ -1,0 +1,68 @@
+"""How clients find the Mercure hub and learn how to talk to it.
+
+Mercure's discovery is the publisher's job: the resources it serves carry a
+``Link: <hub>; rel="mercure"`` header (``link_header`` builds one). The hub's own part is
+its URL, which relative topics and URL patterns resolve against (``hub_url``), and the
+OAuth 2.0 protected-resource
+metadata (RFC 9728) that tells a client which audience to put in its tokens and how it
+may present them (``resource_metadata``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp import web
+
+from broker.topics import HUB_PATH
+
+METADATA_PATH = "/.well-known/oauth-protected-resource" + HUB_PATH
+# The revision of the Mercure draft this hub implements, as the metadata announces it.
+MERCURE_VERSION = 8
+
+
+def origin(request: web.Request, public_url: str | None) -> str:
+    """The origin clients reach us at: configured (behind a TLS proxy the request's own
+    scheme is not the client's), else taken from the request's ``Host``."""
+    if public_url is not None:
+        return public_url
+    return str(request.url.origin())
+
+
+def hub_url(request: web.Request, public_url: str | None) -> str:
+    return origin(request, public_url) + HUB_PATH
+
+
+def link_header(
+    hub: str, *, last_event_id: str | None = None, content_type: str | None = None
+) -> str:
+    """The ``Link`` header value a publisher adds to a resource so that its clients find
+    the hub: ``<hub>; rel="mercure"``, with the optional ``last-event-id`` (the id of
+    the last update when the resource was generated, for a loss-free subscription)
+    and ``content-type`` (of the updates) target attributes."""
+    value = f'<{hub}>; rel="mercure"'
+    if last_event_id is not None:
+        value += f"; last-event-id={_quoted(last_event_id)}"
+    if content_type is not None:
+        value += f"; content-type={_quoted(content_type)}"
+    return value
+
+
+def _quoted(text: str) -> str:
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def resource_metadata(
+    *, resource: str, cookie: bool, issuer: str | None, query: bool = True
+) -> dict[str, Any]:
+    """The RFC 9728 document served at ``METADATA_PATH``."""
+    document: dict[str, Any] = {
+        "resource": resource,
+        "bearer_methods_supported": ["header", "query"] if query else ["header"],
+        "mercure_version": MERCURE_VERSION,
+    }
+    if issuer is not None:
+        document["authorization_servers"] = [issuer]
+    if cookie:
+        document["mercure_cookie"] = True
+    return document
