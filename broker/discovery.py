@@ -14,6 +14,8 @@ from typing import Any
 
 from aiohttp import web
 
+from broker.config import Config
+from broker.limits import from_trusted_proxy
 from broker.topics import HUB_PATH
 
 METADATA_PATH = "/.well-known/oauth-protected-resource" + HUB_PATH
@@ -21,16 +23,22 @@ METADATA_PATH = "/.well-known/oauth-protected-resource" + HUB_PATH
 MERCURE_VERSION = 8
 
 
-def origin(request: web.Request, public_url: str | None) -> str:
-    """The origin clients reach us at: configured (behind a TLS proxy the request's own
-    scheme is not the client's), else taken from the request's ``Host``."""
-    if public_url is not None:
-        return public_url
-    return str(request.url.origin())
+def origin(request: web.Request, config: Config) -> str:
+    """The origin clients reach us at: ``--public-url`` when set; else the request's
+    ``Host``, with the scheme a ``--trusted-proxy`` says the client used
+    (``X-Forwarded-Proto``: behind a TLS proxy our own connection is plain HTTP)."""
+    if config.public_url is not None:
+        return config.public_url
+    url = request.url
+    if config.trusted_proxies and from_trusted_proxy(request, config.trusted_proxies):
+        scheme = request.headers.get("X-Forwarded-Proto", "").strip().lower()
+        if scheme in ("http", "https"):
+            url = url.with_scheme(scheme)
+    return str(url.origin())
 
 
-def hub_url(request: web.Request, public_url: str | None) -> str:
-    return origin(request, public_url) + HUB_PATH
+def hub_url(request: web.Request, config: Config) -> str:
+    return origin(request, config) + HUB_PATH
 
 
 def link_header(

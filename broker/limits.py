@@ -91,6 +91,12 @@ def _trusted(address: IPAddress, trusted: Sequence[IPNetwork]) -> bool:
     return any(address in network for network in trusted)
 
 
+def from_trusted_proxy(request: web.Request, trusted: Sequence[IPNetwork]) -> bool:
+    """Whether the request's peer is a trusted proxy, whose forwarding headers count."""
+    hop = _parse(request.remote) if request.remote is not None else None
+    return hop is not None and _trusted(hop, trusted)
+
+
 def request_address(request: web.Request, trusted: Sequence[IPNetwork]) -> str:
     """The client address of an aiohttp request; repeated header fields read as one list."""
     forwarded = request.headers.getall("X-Forwarded-For", ()) if trusted else ()

@@ -283,3 +283,60 @@ async def test_a_refused_token_is_readable_cross_origin(
         "retry-after",
         "www-authenticate",
     }
+
+
+async def test_a_cross_origin_mercure_subscriber_with_its_cookie_reads_private_updates(
+    make_broker: BrokerFactory, client: httpx.AsyncClient
+) -> None:
+    """Mercure's browser flow: ``EventSource`` with credentials on the hub, the token in
+    the ``mercureAccessToken`` cookie; the resume header is readable by scripts."""
+    broker = await make_broker(cors_origin=[ALLOWED], jwt_key=JWT_KEY)
+    first = await client.post(
+        f"{broker.url}/.well-known/mercure",
+        data={"topic": "t", "data": "old"},
+        headers={"Authorization": f"Bearer {mint(publish=['**'])}"},
+    )
+    cookie = {"Cookie": f"mercureAccessToken={mint(subscribe=['t'])}"}
+    async with aconnect_sse(
+        client,
+        "GET",
+        f"{broker.url}/.well-known/mercure",
+        params={"match": "t", "lastEventID": first.text},
+        headers={"Origin": ALLOWED, **cookie},
+    ) as source:
+        response = source.response
+        assert response.status_code == 200
+        assert response.headers["Access-Control-Allow-Origin"] == ALLOWED
+        assert response.headers["Access-Control-Allow-Credentials"] == "true"
+        assert "last-event-id" in header_set(response, "Access-Control-Expose-Headers")
+        assert response.headers["Last-Event-ID"] == first.text
+        published = await client.post(
+            f"{broker.url}/.well-known/mercure",
+            data={"topic": "t", "data": "secret", "private": "on"},
+            headers={"Authorization": f"Bearer {mint(publish=['**'])}"},
+        )
+        assert published.status_code == 200, published.text
+        event = await anext(events_of(source))
+        assert (event.id, event.data) == (published.text, "secret")
+
+
+async def test_preflight_for_the_mercure_hub(
+    make_broker: BrokerFactory, client: httpx.AsyncClient
+) -> None:
+    broker = await make_broker(cors_origin=[ALLOWED])
+    response = await client.options(
+        f"{broker.url}/.well-known/mercure",
+        headers={
+            "Origin": ALLOWED,
+            "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "authorization, content-type",
+        },
+    )
+    assert response.status_code == 204
+    assert response.headers["Access-Control-Allow-Origin"] == ALLOWED
+    assert {"authorization", "content-type"} <= header_set(response, "Access-Control-Allow-Headers")
+    refused = await client.options(
+        f"{broker.url}/.well-known/mercure",
+        headers={"Origin": OTHER, "Access-Control-Request-Method": "POST"},
+    )
+    assert refused.status_code == 403

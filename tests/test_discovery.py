@@ -79,3 +79,17 @@ async def test_no_mercure_switch_removes_the_endpoint(make_broker: BrokerFactory
             answer = await client.get(broker.url + path, params={"match": "a"})
             assert answer.status_code == 404
             assert answer.json()["error"] == "not_found"
+
+
+async def test_a_trusted_proxy_tells_the_scheme_clients_use(make_broker: BrokerFactory) -> None:
+    """Behind a TLS proxy the broker's own connection is plain HTTP: the hub's URL (and
+    so what relative URL patterns resolve against) takes ``X-Forwarded-Proto`` from a
+    ``--trusted-proxy`` only."""
+    trusting = await make_broker(trusted_proxy="127.0.0.1")
+    trusting_none = await make_broker()
+    forwarded = {"X-Forwarded-Proto": "https", "Host": "hub.example"}
+    async with httpx.AsyncClient() as client:
+        trusted = (await client.get(trusting.url + METADATA_PATH, headers=forwarded)).json()
+        ignored = (await client.get(trusting_none.url + METADATA_PATH, headers=forwarded)).json()
+    assert trusted["resource"] == "https://hub.example" + HUB_PATH
+    assert ignored["resource"] == "http://hub.example" + HUB_PATH

@@ -25,7 +25,7 @@ import redis
 from httpx_sse import aconnect_sse
 
 from broker.subscriber import MISSED_EVENT
-from tests.conftest import BrokerProcess, RawStream, free_port
+from tests.conftest import JWT_KEY, BrokerProcess, RawStream, free_port, mint
 
 NGINX = shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin:/usr/local/sbin")
 CONFIG = Path(__file__).resolve().parents[1] / "deploy" / "nginx.conf"
@@ -370,3 +370,34 @@ async def test_https_with_http2_serves_the_stream(
         await process.wait()
     assert received.startswith(b"HTTP/2 200"), received
     assert b"content-type: text/event-stream" in received
+
+
+async def test_mercure_streams_and_publishes_pass_through_nginx(
+    deploy: Callable[..., Deployment], client: httpx.AsyncClient
+) -> None:
+    """The Mercure hub behind nginx: a stream resumed on one node with a publisher's id
+    gets its Last-Event-ID answer header, and each update published through nginx (to
+    either node) arrives before the next is published."""
+    deployment = deploy("--publisher-jwt-key", JWT_KEY)
+    token = mint(publish=["*"], claim="mercure")
+    hub = f"{deployment.url}/.well-known/mercure"
+    headers = {"Authorization": f"Bearer {token}"}
+    first = await client.post(hub, data={"topic": "urn:t", "id": "urn:id:0"}, headers=headers)
+    assert (first.status_code, first.text) == (200, "urn:id:0")
+    stream = await RawStream.connect(
+        deployment.port,
+        "/.well-known/mercure?match=urn:t",
+        headers={"Last-Event-ID": "urn:id:0", "Accept-Encoding": "gzip"},
+    )
+    await stream.read_until(lambda: bool(stream.frames), within=READ_TIMEOUT)
+    assert stream.status == 200
+    assert stream.headers["last-event-id"] == "urn:id:0"
+    assert "content-encoding" not in stream.headers
+    for n in range(1, 5):
+        response = await client.post(
+            hub, data={"topic": "urn:t", "data": f"v{n}", "id": f"urn:id:{n}"}, headers=headers
+        )
+        assert response.status_code == 200, response.text
+        await stream.read_until(lambda n=n: len(stream.events()) == n, within=READ_TIMEOUT)  # type: ignore[misc]
+        assert (stream.events()[-1].id, stream.events()[-1].data) == (f"urn:id:{n}", f"v{n}")
+    stream.close()

@@ -99,7 +99,7 @@ def install(app: web.Application, path: str) -> None:
 
 async def handle_subscribe(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
-    hub = hub_url(request, state.config.public_url)
+    hub = hub_url(request, state.config)
     selector, subscriptions = parse_matchers(request, hub, state)
     try:
         resume_from = last_event_id(request)
@@ -210,7 +210,7 @@ def text_problem(value: str) -> str | None:
 
 async def handle_publish(request: web.Request) -> web.Response:
     state = request.app[STATE]
-    hub = hub_url(request, state.config.public_url)
+    hub = hub_url(request, state.config)
     _refuse_cross_site(request, state)
     grants = grants_for(request, state, hub, state.gatekeeper.publisher)
     if request.content_type not in FORM_TYPES:
@@ -370,7 +370,7 @@ def _refuse_cross_site(request: web.Request, state: BrokerState) -> None:
     if source is None and "Referer" in request.headers:
         with contextlib.suppress(ValueError):
             source = str(URL(request.headers["Referer"]).origin())
-    allowed = {origin(request, state.config.public_url), *state.config.cors_origins} - {"*"}
+    allowed = {origin(request, state.config), *state.config.cors_origins} - {"*"}
     if source not in allowed:
         raise Forbidden(
             f"a publish authenticated by the {cookie!r} cookie must come from this hub's "
@@ -396,7 +396,7 @@ def grants_for(
 
 def challenge(request: web.Request, state: BrokerState) -> str:
     """The ``WWW-Authenticate`` challenge for a request that brought no token."""
-    metadata = origin(request, state.config.public_url) + METADATA_PATH
+    metadata = origin(request, state.config) + METADATA_PATH
     return f'Bearer resource_metadata="{metadata}"'
 
 
@@ -405,7 +405,7 @@ async def handle_metadata(request: web.Request) -> web.Response:
     state = request.app[STATE]
     config = state.config
     document = resource_metadata(
-        resource=config.jwt_audience or hub_url(request, config.public_url),
+        resource=config.jwt_audience or hub_url(request, config),
         cookie=True,
         issuer=config.jwt_issuer,
     )

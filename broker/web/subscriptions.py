@@ -52,7 +52,7 @@ async def handle_subscriptions(request: web.Request) -> web.Response:
         path = matcher_path(*variables)
     else:
         path = subscription_topic(*variables)
-    hub = hub_url(request, state.config.public_url)
+    hub = hub_url(request, state.config)
     grants = grants_for(request, state, hub, state.gatekeeper.subscriber)
     if grants is None:
         raise Unauthorized(
