@@ -8,8 +8,9 @@ Three kinds of generated traffic, at least 10,000 requests per run:
   and non-ASCII topics, broken UTF-8, odd content types, headers and tokens), since a
   client library refuses or repairs much of what an attacker can send. Every answer is
   below 500 and every error is the JSON error shape;
-* publishes with random topics, privacy and tokens, watched by subscribers with different
-  grants: none may receive an event it is not entitled to, nor miss one it is.
+* publishes with random topics, privacy and tokens, to our API and to the Mercure hub,
+  watched on both by subscribers with different matchers and grants: none may receive
+  an event it is not entitled to, nor miss one it is.
 
 They run against real broker processes, so the server as deployed is what is fuzzed
 (``broker.web.server``'s protocol as well as the application), and the broker's own log
@@ -23,9 +24,11 @@ import base64
 import collections
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import hmac
 import json
+import operator
 import queue
 import random
 import re
@@ -34,12 +37,14 @@ import string
 import subprocess
 import sys
 import threading
+import time
 import urllib.parse
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
+import jwt
 import orjson
 import pytest
 import schemathesis
@@ -52,6 +57,7 @@ from schemathesis.checks import (
     response_schema_conformance,
     status_code_conformance,
 )
+from urlpattern import URLPattern
 
 from tests.conftest import JWT_KEY, BrokerProcess, free_port, mint, wait_until_healthy
 
@@ -91,7 +97,7 @@ EVENTS_EXAMPLES = 500
 MERCURE_EXAMPLES = 250
 # Operations that answer with an endless stream, fuzzed by the raw tests instead.
 STREAMS = {("get", "/events"), ("get", "/.well-known/mercure")}
-ENTITLEMENT_EXAMPLES = 300
+ENTITLEMENT_EXAMPLES = 400
 
 
 @dataclasses.dataclass
@@ -194,10 +200,12 @@ def http_request(
     headers: list[tuple[bytes, bytes]],
     body: bytes | None,
     version: bytes = b"HTTP/1.1",
+    *,
+    host: bytes = b"127.0.0.1",
 ) -> bytes:
     """A request with the framing done right (Host, Content-Length, Connection: close) and
     everything else as given, however wrong."""
-    lines = [b"%s %s %s" % (method, target, version), b"Host: 127.0.0.1"]
+    lines = [b"%s %s %s" % (method, target, version), b"Host: " + host]
     lines += [name + b": " + value for name, value in headers]
     if body is not None:
         lines.append(b"Content-Length: %d" % len(body))
@@ -763,46 +771,131 @@ def test_broker_survived(target: Target) -> None:
 
 # --- entitlement -------------------------------------------------------------------------
 
-# A small topic space, so that publishes, subscriptions and grants overlap often.
+# A small topic space, so that publishes, subscriptions and grants overlap often: paths of
+# a few segments, bare (our own topics; relative URLs to Mercure) or in URLs that
+# Mercure's matchers meet. ``HUB`` stands for the hub's origin, known once the broker
+# runs: relative topics and URL patterns resolve against its URL.
 PLAIN_SEGMENTS = ["a", "b", "c", "x"]
+HUB = "{hub}"
+URL_PREFIXES = ["/", "https://example.com/", "https://EXAMPLE.com/", HUB + "/"]
+URL_SEGMENTS = ["a", "b", "x"]
 SENTINEL_TOPIC = "end"
+# How a subscription or a grant names topics: our topic patterns (``/events``, the ``sse``
+# claim), Mercure's exact topics and URL patterns, and the URI templates of its earlier
+# drafts (the legacy ``topic`` parameter and ``mercure`` claim). In every Mercure kind,
+# ``*`` alone is every topic. Mercure's two are named by their ``matchType``.
+PATTERN, EXACT, URL_PATTERN, TEMPLATE = "pattern", "Exact", "URLPattern", "template"
+Rule = tuple[str, str]
+# RFC 6570's simple string expansion: unreserved characters and percent-encodings, so a
+# "{name}" (the only expression used here) never spans a "/".
+TEMPLATE_VALUE = r"(?:[A-Za-z0-9\-._~]|%[0-9A-Fa-f]{2})*"
+EXPIRES = int(time.time()) + 24 * 3600
 
 
 def pattern_matches(pattern: str, topic: str) -> bool:
-    """The topic rules of the README, written independently of ``broker.topics``."""
+    """The topic rules of the README, written independently of ``broker.topics``. A
+    segment is whatever lies between slashes, the empty text too: URL topics have empty
+    segments (``/a/x``, ``https://host/a``), and a ``*`` stands for any one of them."""
     parts = []
     segments = pattern.split("/")
     for index, segment in enumerate(segments):
         if segment == "*":
-            parts.append("[^/]+")
+            parts.append("[^/]*")
         elif segment == "**" and index == len(segments) - 1:
-            parts.append(".+")
+            parts.append(".*")
         else:
             parts.append(re.escape(segment))
     return re.fullmatch("/".join(parts), topic) is not None
 
 
-def any_match(patterns: list[str], topics: list[str]) -> bool:
-    return any(pattern_matches(pattern, topic) for pattern in patterns for topic in topics)
+def template_matches(template: str, topic: str) -> bool:
+    """Whether some values of the template's variables expand it to ``topic``; without
+    expressions, a template is an exact topic."""
+    literals = re.split(r"\{[A-Za-z_]+\}", template)
+    return re.fullmatch(TEMPLATE_VALUE.join(map(re.escape, literals)), topic) is not None
 
 
-# Where a client puts its token ("header", "query" or "cookie"), and the token.
+@functools.lru_cache(maxsize=256)
+def url_pattern(text: str, base: str) -> URLPattern:
+    return URLPattern(text, base)
+
+
+def rule_matches(rule: Rule, topic: str, hub: str) -> bool:
+    kind, text = rule
+    if kind == PATTERN:
+        return pattern_matches(text, topic)
+    if text == "*":
+        return True
+    if kind == EXACT:
+        return text == topic
+    if kind == TEMPLATE:
+        return template_matches(text, topic)
+    try:
+        return url_pattern(text, hub).test(topic, hub)
+    except ValueError:  # a topic that is not even a URL reference
+        return False
+
+
+def any_match(rules: list[Rule], topics: list[str], hub: str) -> bool:
+    return any(rule_matches(rule, topic, hub) for rule in rules for topic in topics)
+
+
+def access_token(
+    publish: list[Rule] | None = None,
+    subscribe: list[Rule] | None = None,
+    *,
+    key: str = JWT_KEY,
+    typ: str | None = "at+jwt",
+    expires: bool = True,
+) -> str:
+    """A token granting Mercure ``authorization_details`` (RFC 9396), one detail per
+    action, minted with PyJWT as an authorisation server would: an RFC 9068 access token
+    unless ``typ`` or ``expires`` say otherwise."""
+    details = [
+        {
+            "type": "mercure",
+            "actions": [action],
+            "topics": [
+                {"match": text} if text == "*" else {"match": text, "matchType": kind}
+                for kind, text in rules
+            ],
+        }
+        for action, rules in (("publish", publish), ("subscribe", subscribe))
+        if rules is not None
+    ]
+    claims: dict[str, Any] = {"authorization_details": details}
+    if expires:
+        claims["exp"] = EXPIRES
+    return jwt.encode(claims, key, algorithm="HS256", headers={"typ": typ} if typ else None)
+
+
+# Where a client puts its token ("header", "query" or "cookie"), and the token; "origin"
+# sends an Origin header instead, which a Mercure publish authenticated by a cookie alone
+# needs.
 Credentials = list[tuple[str, str]]
 
 
 def with_credentials(
     path: bytes, params: list[tuple[str, str]], credentials: Credentials
 ) -> tuple[bytes, list[tuple[bytes, bytes]]]:
-    """The request target and headers that carry ``credentials``."""
+    """The request target and headers that carry ``credentials``, in the query parameter
+    and cookie that ``path`` reads."""
+    query_name, cookie_name = (
+        ("access_token", "mercureAccessToken")
+        if path == MERCURE_PATH
+        else ("authorization", "brokerAuthorization")
+    )
     params = list(params)
     headers = []
     for kind, token in credentials:
         if kind == "query":
-            params.append(("authorization", token))
+            params.append((query_name, token))
         elif kind == "header":
             headers.append((b"Authorization", b"Bearer " + token.encode()))
+        elif kind == "origin":
+            headers.append((b"Origin", token.encode()))
         else:
-            headers.append((b"Cookie", b"brokerAuthorization=" + token.encode()))
+            headers.append((b"Cookie", cookie_name.encode() + b"=" + token.encode()))
     query = b"?" + urllib.parse.urlencode(params).encode() if params else b""
     return path + query, headers
 
@@ -814,33 +907,59 @@ class Received:
     data: str
 
 
+# The Mercure parameter each kind of matcher goes in; exact ones alternate between both.
+MATCH_PARAMETERS = {
+    EXACT: ("matchExact", "match"),
+    URL_PATTERN: ("matchURLPattern",),
+    TEMPLATE: ("topic",),
+}
+
+
 class Watcher:
-    """A subscriber kept open on a raw socket, read by a thread into a queue.
+    """A subscriber kept open on a raw socket, read by a thread into a queue: on
+    ``/events`` with topic patterns, or on Mercure's endpoint with matchers. ``hub`` is
+    the URL relative topics and URL patterns resolve against.
 
     It asks for HTTP/1.0, so the stream comes unchunked and is plain SSE text.
     """
 
     def __init__(
-        self, name: str, topics: list[str], grants: list[str], credentials: Credentials
+        self,
+        name: str,
+        path: bytes,
+        topics: list[Rule],
+        grants: list[Rule],
+        credentials: Credentials,
+        hub: str,
     ) -> None:
         self.name = name
+        self.path = path
         self.topics = topics
-        self.grants = grants  # the private topics it may read, as patterns
+        self.grants = grants  # the private topics it may read
         self.credentials = credentials
+        self.hub = hub
         self.received: queue.Queue[Received | None] = queue.Queue()
         self._sock: socket.socket | None = None
         self._thread: threading.Thread | None = None
 
     def entitled(self, topics: list[str], private: bool) -> bool:
-        if not any_match(self.topics, topics):
+        if not any_match(self.topics, topics, self.hub):
             return False
-        return not private or any_match(self.grants, topics)
+        return not private or any_match(self.grants, topics, self.hub)
+
+    def params(self) -> list[tuple[str, str]]:
+        if self.path != MERCURE_PATH:
+            return [("topic", text) for _, text in self.topics]
+        return [
+            (MATCH_PARAMETERS[kind][index % len(MATCH_PARAMETERS[kind])], text)
+            for index, (kind, text) in enumerate(self.topics)
+        ]
 
     def open(self, port: int) -> None:
-        params = [("topic", topic) for topic in self.topics]
-        target, headers = with_credentials(b"/events", params, self.credentials)
+        target, headers = with_credentials(self.path, self.params(), self.credentials)
         sock = socket.create_connection(("127.0.0.1", port), timeout=DEADLINE)
-        sock.sendall(http_request(b"GET", target, headers, None, b"HTTP/1.0"))
+        request = http_request(b"GET", target, headers, None, b"HTTP/1.0", host=host_of(port))
+        sock.sendall(request)
         head = b""
         while b"\r\n\r\n" not in head:
             chunk = sock.recv(1)
@@ -893,6 +1012,12 @@ class Watcher:
             self._thread.join(DEADLINE)
 
 
+def host_of(port: int) -> bytes:
+    """The Host a browser sends: the hub's URL, and so what relative topics and URL
+    patterns resolve against, follows it."""
+    return b"127.0.0.1:%d" % port
+
+
 def parse_block(block: str) -> Received | None:
     """One SSE event block as the WHATWG parser reads it; None when it dispatches nothing."""
     event_id = event = None
@@ -911,26 +1036,149 @@ def parse_block(block: str) -> Received | None:
     return Received(event_id, event, "\n".join(data))
 
 
-def watchers() -> list[Watcher]:
-    """Anonymous and granted subscribers, with tokens in each place a token can go."""
+def watchers(origin: str) -> list[Watcher]:
+    """Subscribers on both endpoints: anonymous and granted, with every kind of matcher
+    and of grant, and tokens in each place a token can go."""
+    hub = origin + MERCURE_PATH.decode()
+
+    def ours(name: str, topics: list[str], grants: list[Rule], token: Credentials) -> Watcher:
+        return Watcher(name, b"/events", [(PATTERN, t) for t in topics], grants, token, hub)
+
+    def mercure(name: str, topics: list[Rule], grants: list[Rule], token: Credentials) -> Watcher:
+        return Watcher(name, MERCURE_PATH, topics, grants, token, hub)
+
+    url_topics = [(URL_PATTERN, "https://example.com/a/:x"), (EXACT, "c")]
+    exact_topics = [(EXACT, "a/x"), (EXACT, origin + "/a/x")]
+    absolute_url = [(URL_PATTERN, "https://example.com/a/:x")]
+    relative_url = [(URL_PATTERN, "/a/:x")]
+    hub_templates = [(TEMPLATE, origin + "/{s}/x"), (TEMPLATE, "a/{x}")]
+    templates = [(TEMPLATE, "https://example.com/a/{x}"), (TEMPLATE, "{s}/b")]
+    cased_templates = [(TEMPLATE, "/a/{x}"), (TEMPLATE, "https://EXAMPLE.com/{s}/{t}")]
+    everything = [(EXACT, "*")]
     return [
-        Watcher("anonymous", ["**"], [], []),
-        Watcher("anonymous a/*", ["a/*", SENTINEL_TOPIC], [], []),
-        Watcher("grant a/**", ["**"], ["a/**"], [("header", mint(subscribe=["a/**"]))]),
-        Watcher(
+        ours("anonymous", ["**"], [], []),
+        ours("anonymous a/*", ["a/*", SENTINEL_TOPIC], [], []),
+        ours("grant a/**", ["**"], [(PATTERN, "a/**")], [("header", mint(subscribe=["a/**"]))]),
+        ours(
             "grant b/* c/x",
             ["b/**", "c/**", SENTINEL_TOPIC],
-            ["b/*", "c/x"],
+            [(PATTERN, "b/*"), (PATTERN, "c/x")],
             [("query", mint(subscribe=["b/*", "c/x"]))],
         ),
-        Watcher("mercure *", ["**"], ["**"], [("cookie", mint(subscribe=["*"], claim="mercure"))]),
-        Watcher("grant */x", ["**"], ["*/x"], [("header", mint(subscribe=["*/x"]))]),
-        Watcher("no subscribe grant", ["**"], [], [("header", mint(publish=["**"]))]),
+        ours(
+            "mercure *",
+            ["**"],
+            [(TEMPLATE, "*")],
+            [("cookie", mint(subscribe=["*"], claim="mercure"))],
+        ),
+        ours("grant */x", ["**"], [(PATTERN, "*/x")], [("header", mint(subscribe=["*/x"]))]),
+        ours("no subscribe grant", ["**"], [], [("header", mint(publish=["**"]))]),
+        ours(
+            "URL topics, legacy templates grant",
+            ["https:/**", "*/a/*", SENTINEL_TOPIC],
+            templates,
+            [("cookie", mint(subscribe=[text for _, text in templates], claim="mercure"))],
+        ),
+        ours(
+            "details grant",
+            ["**"],
+            url_topics,
+            [("header", access_token(subscribe=url_topics))],
+        ),
+        mercure("Mercure anonymous *", everything, [], []),
+        mercure(
+            "Mercure exact, exact grants",
+            [
+                (EXACT, "a/x"),
+                (EXACT, "/a/x"),
+                (EXACT, "https://example.com/a/x"),
+                (EXACT, origin + "/a/x"),
+                (EXACT, SENTINEL_TOPIC),
+            ],
+            exact_topics,
+            [("header", access_token(subscribe=exact_topics))],
+        ),
+        mercure(
+            "Mercure absolute URL pattern",
+            [(URL_PATTERN, "https://example.com/:s/:t"), (EXACT, SENTINEL_TOPIC)],
+            absolute_url,
+            [("query", access_token(subscribe=absolute_url))],
+        ),
+        mercure(
+            "Mercure relative URL patterns",
+            [(URL_PATTERN, "/a/:x"), (URL_PATTERN, "/:s/:t"), (EXACT, SENTINEL_TOPIC)],
+            relative_url,
+            [("cookie", access_token(subscribe=relative_url))],
+        ),
+        mercure(
+            "Mercure hub URL pattern, legacy grant",
+            [(URL_PATTERN, origin + "/:s/:t"), (EXACT, SENTINEL_TOPIC)],
+            hub_templates,
+            [("header", mint(subscribe=[text for _, text in hub_templates], claim="mercure"))],
+        ),
+        mercure(
+            "Mercure legacy topic templates",
+            [
+                (TEMPLATE, "https://example.com/{s}/{t}"),
+                (TEMPLATE, "{s}/x"),
+                (TEMPLATE, SENTINEL_TOPIC),
+            ],
+            templates,
+            [("query", mint(subscribe=[text for _, text in templates], claim="mercure"))],
+        ),
+        mercure(
+            "Mercure legacy grant in a cookie",
+            [
+                (URL_PATTERN, "/:s/:t"),
+                (EXACT, "a/x"),
+                (EXACT, "https://EXAMPLE.com/a/x"),
+                (EXACT, SENTINEL_TOPIC),
+            ],
+            cased_templates,
+            [("cookie", mint(subscribe=[text for _, text in cased_templates], claim="mercure"))],
+        ),
+        mercure(
+            "Mercure publish-only token in a cookie",
+            everything,
+            [],
+            [("cookie", access_token(publish=everything))],
+        ),
+        mercure(
+            "Mercure publish-only token in the header",
+            [(TEMPLATE, "*")],
+            [],
+            [("header", mint(publish=["*"], claim="mercure"))],
+        ),
+        mercure(
+            "Mercure publish-only token in the query",
+            everything,
+            [],
+            [("query", mint(publish=["**"]))],
+        ),
+        mercure(
+            "Mercure * grant",
+            [(TEMPLATE, "*")],
+            everything,
+            [("query", access_token(subscribe=everything))],
+        ),
+        mercure(
+            "Mercure, our own grant",
+            [(URL_PATTERN, "/:s/:t"), (EXACT, "a/x"), (EXACT, SENTINEL_TOPIC)],
+            [(PATTERN, "a/*")],
+            [("cookie", mint(subscribe=["a/*"]))],
+        ),
     ]
 
 
 ENTITLEMENT_TOPICS = st.lists(
-    st.lists(st.sampled_from(PLAIN_SEGMENTS), min_size=1, max_size=3).map("/".join),
+    st.one_of(
+        st.lists(st.sampled_from(PLAIN_SEGMENTS), min_size=1, max_size=3).map("/".join),
+        st.builds(
+            operator.add,
+            st.sampled_from(URL_PREFIXES),
+            st.lists(st.sampled_from(URL_SEGMENTS), min_size=1, max_size=2).map("/".join),
+        ),
+    ),
     min_size=1,
     max_size=3,
 )
@@ -943,7 +1191,19 @@ class Draft:
     key: str | None
 
 
+@dataclasses.dataclass(frozen=True)
+class Publisher:
+    """A Mercure publisher, and what the hub must answer it: ``grants`` are the topics
+    it may publish to (None: anywhere, as an anonymous publisher may on this broker);
+    ``refused`` is the status refusing it whatever it publishes."""
+
+    credentials: Credentials
+    grants: list[Rule] | None
+    refused: int | None = None
+
+
 DRAFTS = st.builds(Draft, ENTITLEMENT_TOPICS, st.booleans(), st.none() | st.sampled_from("pqr"))
+PUBLISH_PATTERNS = [(URL_PATTERN, "https://example.com/:s/:t"), (EXACT, "a/x")]
 PUBLISHERS = st.sampled_from(
     [
         [],
@@ -951,30 +1211,109 @@ PUBLISHERS = st.sampled_from(
         [("query", mint(publish=["**"]))],
         [("cookie", mint(publish=["*"], claim="mercure"))],
         [("header", mint(publish=["a/**"]))],  # forbidden for any other topic
+        [("query", access_token(publish=PUBLISH_PATTERNS))],  # and this one for most
         [("header", mint("another-hmac-secret-0123456789abcdef", publish=["**"]))],  # 401
     ]
 )
+MERCURE_PUBLISH_RULES = [
+    (URL_PATTERN, "https://example.com/:s/:t"),
+    (URL_PATTERN, "/:s/:t"),
+    (EXACT, "a/x"),
+]
+LEGACY_PUBLISH_RULES = [
+    (TEMPLATE, "https://example.com/{s}/{t}"),
+    (TEMPLATE, "{s}/x"),
+    (TEMPLATE, "a/b"),
+]
+MERCURE_GRANTED = [
+    Publisher([], None),
+    Publisher([("header", access_token(MERCURE_PUBLISH_RULES))], MERCURE_PUBLISH_RULES),
+    Publisher([("query", access_token([(EXACT, "*")]))], [(EXACT, "*")]),
+    Publisher(
+        [("cookie", mint(publish=["*"], claim="mercure")), ("origin", ALLOWED_ORIGIN)],
+        [(TEMPLATE, "*")],
+    ),
+    Publisher(
+        [("header", mint(publish=[text for _, text in LEGACY_PUBLISH_RULES], claim="mercure"))],
+        LEGACY_PUBLISH_RULES,
+    ),
+    Publisher([("query", mint(publish=["a/**"]))], [(PATTERN, "a/**")]),
+    # A token to subscribe with: it may publish nowhere.
+    Publisher([("cookie", access_token(subscribe=[(EXACT, "*")])), ("origin", ALLOWED_ORIGIN)], []),
+]
+MERCURE_REFUSED = [
+    # A cookie without an Origin: a cross-site form post, as far as the hub can tell.
+    Publisher([("cookie", mint(publish=["*"], claim="mercure"))], None, 403),
+    Publisher(
+        [("header", access_token([(EXACT, "*")], key="another-hmac-secret-0123456789abcdef"))],
+        None,
+        401,
+    ),
+    # Not RFC 9068 access tokens: no typ at+jwt, no exp.
+    Publisher([("query", access_token([(EXACT, "*")], typ=None))], None, 401),
+    Publisher([("header", access_token([(EXACT, "*")], expires=False))], None, 401),
+]
+# Publishers refused whatever they send come up less often, so that most publications
+# reach subscribers.
+MERCURE_PUBLISHERS = st.one_of(
+    st.sampled_from(MERCURE_GRANTED),
+    st.sampled_from(MERCURE_GRANTED),
+    st.sampled_from(MERCURE_REFUSED),
+)
+# Prefixes of the ids Mercure publishers choose, made unique by the publication's number:
+# "#" starts the hub's own ids, so such an id is refused.
+ID_PREFIXES = ["m", "urn:fuzz:", " é ", "a b:", "#"]
 
 
 @dataclasses.dataclass
 class Publication:
-    shape: str  # json, array, ndjson or form
+    shape: str  # json, array, ndjson or form to /publish; mercure to Mercure's endpoint
     drafts: list[Draft]
     credentials: Credentials
     idempotency_key: str | None
+    publisher: Publisher | None = None  # a Mercure publication's
+    id_prefix: str | None = None  # a Mercure publication's chosen id, without its number
+
+    def chosen_id(self, sequence: int) -> str | None:
+        return None if self.id_prefix is None else f"{self.id_prefix}{sequence}"
 
 
-PUBLICATIONS = st.builds(
-    Publication,
-    st.sampled_from(["json", "array", "ndjson", "form"]),
-    st.lists(DRAFTS, min_size=1, max_size=3),
-    PUBLISHERS,
-    st.none() | st.sampled_from(["i", "j"]),
+def mercure_publication(draft: Draft, publisher: Publisher, id_prefix: str | None) -> Publication:
+    return Publication("mercure", [draft], publisher.credentials, None, publisher, id_prefix)
+
+
+PUBLICATIONS = st.one_of(
+    st.builds(
+        Publication,
+        st.sampled_from(["json", "array", "ndjson", "form"]),
+        st.lists(DRAFTS, min_size=1, max_size=3),
+        PUBLISHERS,
+        st.none() | st.sampled_from(["i", "j"]),
+    ),
+    st.builds(
+        mercure_publication,
+        st.builds(Draft, ENTITLEMENT_TOPICS, st.booleans(), st.none()),
+        MERCURE_PUBLISHERS,
+        st.none() | st.sampled_from(ID_PREFIXES),
+    ),
 )
 
 
-def publication_request(publication: Publication, sequence: int) -> tuple[bytes, list[Draft]]:
+def located(publication: Publication, origin: str) -> Publication:
+    """``publication`` with the hub's origin in its topics in place of ``HUB``."""
+    drafts = [
+        dataclasses.replace(draft, topics=[topic.replace(HUB, origin) for topic in draft.topics])
+        for draft in publication.drafts
+    ]
+    return dataclasses.replace(publication, drafts=drafts)
+
+
+def publication_request(
+    publication: Publication, sequence: int, port: int
+) -> tuple[bytes, list[Draft]]:
     """The request, and the drafts it carries in the order the broker numbers them."""
+    if publication.shape == "mercure":
+        return mercure_request(publication, sequence, port), publication.drafts
     single = publication.shape in {"json", "form"}
     drafts = publication.drafts[:1] if single else publication.drafts
     target, headers = with_credentials(b"/publish", [], publication.credentials)
@@ -1006,7 +1345,23 @@ def publication_request(publication: Publication, sequence: int) -> tuple[bytes,
         body = orjson.dumps(events[0] if publication.shape == "json" else events)
         content_type = b"application/json"
     headers.append((b"Content-Type", content_type))
-    return http_request(b"POST", target, headers, body), drafts
+    return http_request(b"POST", target, headers, body, host=host_of(port)), drafts
+
+
+def mercure_request(publication: Publication, sequence: int, port: int) -> bytes:
+    """A Mercure update as a form: every topic (the legacy mode takes several), and the
+    ``private`` and ``id`` fields when chosen."""
+    draft = publication.drafts[0]
+    pairs = [("topic", topic) for topic in draft.topics] + [("data", f"{sequence}.0")]
+    if draft.private:
+        pairs.append(("private", "on"))
+    chosen = publication.chosen_id(sequence)
+    if chosen is not None:
+        pairs.append(("id", chosen))
+    target, headers = with_credentials(MERCURE_PATH, [], publication.credentials)
+    headers.append((b"Content-Type", b"application/x-www-form-urlencoded"))
+    body = urllib.parse.urlencode(pairs).encode()
+    return http_request(b"POST", target, headers, body, host=host_of(port))
 
 
 def published_ids(request: bytes, answer: Answer) -> list[str]:
@@ -1020,16 +1375,59 @@ def published_ids(request: bytes, answer: Answer) -> list[str]:
     return ids
 
 
+def mercure_status(publication: Publication, sequence: int, hub: str) -> int:
+    """What the hub must answer a Mercure publication, in the order it checks."""
+    publisher = publication.publisher
+    assert publisher is not None
+    if publisher.refused is not None:
+        return publisher.refused
+    if (publication.chosen_id(sequence) or "").startswith("#"):
+        return 400
+    topics = publication.drafts[0].topics
+    if publisher.grants is not None and not all(
+        any_match(publisher.grants, [topic], hub) for topic in topics
+    ):
+        return 403
+    return 200
+
+
+def mercure_published_ids(
+    request: bytes, answer: Answer, publication: Publication, sequence: int, hub: str
+) -> list[str]:
+    """The id a Mercure publish answers with, once the answer is the one the hub owes
+    this publisher for these topics and this id."""
+    check_answer(request, answer)
+    expected = mercure_status(publication, sequence, hub)
+    shown = f"request {request!r} got {answer.status} {answer.body[:300]!r}"
+    assert answer.status == expected, f"expected {expected}: {shown}"
+    if answer.status != 200:
+        return []
+    event_id = answer.body.decode()
+    chosen = publication.chosen_id(sequence)
+    if chosen is None:
+        assert event_id.startswith("urn:uuid:"), shown
+    else:
+        assert event_id == chosen, shown
+    return [event_id]
+
+
 def test_entitlement(broker_process: Callable[..., BrokerProcess]) -> None:
     """Subscribers with different grants watch random public and private publishes, by
-    publishers with different tokens, in every body shape. After each batch a public
-    sentinel closes the books: each subscriber must have received exactly the new events
-    it is entitled to (a private one only through a ``subscribe`` grant matching one of
-    its topics; an anonymous subscriber never), nothing else, and nothing twice."""
+    publishers with different tokens, in every body shape, on both endpoints: our own
+    API and Mercure's. After each batch a public sentinel closes the books: each
+    subscriber must have received exactly the new events it is entitled to (a private
+    one only through a ``subscribe`` grant matching one of its topics; an anonymous
+    subscriber never), nothing else, nothing twice, and each with the id its publish
+    was answered with."""
     broker = broker_process(
-        "--jwt-key", JWT_KEY, "--queue-size", "100000", "--log-level", "warning"
+        *("--jwt-key", JWT_KEY),
+        *("--cors-origin", ALLOWED_ORIGIN),
+        *("--queue-size", "100000"),
+        *("--log-level", "warning"),
     )
-    watching = watchers()
+    origin = f"http://127.0.0.1:{broker.port}"
+    hub = origin + MERCURE_PATH.decode()
+    watching = watchers(origin)
     try:
         for watcher in watching:
             watcher.open(broker.port)
@@ -1041,16 +1439,27 @@ def test_entitlement(broker_process: Callable[..., BrokerProcess]) -> None:
         def publish_and_watch(publications: list[Publication]) -> None:
             batch = next(batches)
             new: dict[str, Draft] = {}
-            for number, publication in enumerate(publications):
-                request, drafts = publication_request(publication, batch * 10 + number)
-                answer = exchange(broker.port, request, counter="entitlement")
-                for event_id, draft in zip(published_ids(request, answer), drafts, strict=False):
+            for number, generated in enumerate(publications):
+                publication = located(generated, origin)
+                sequence = batch * 10 + number
+                request, drafts = publication_request(publication, sequence, broker.port)
+                if publication.shape == "mercure":
+                    answer = exchange(broker.port, request, counter="entitlement mercure")
+                    ids = mercure_published_ids(request, answer, publication, sequence, hub)
+                else:
+                    answer = exchange(broker.port, request, counter="entitlement")
+                    ids = published_ids(request, answer)
+                for event_id, draft in zip(ids, drafts, strict=False):
                     if event_id not in events:  # else an idempotent retry: nothing new
                         events[event_id] = new[event_id] = draft
             marker = f"batch {batch}"
             sentinel = orjson.dumps({"topic": SENTINEL_TOPIC, "data": marker, "event": "sentinel"})
             request = http_request(
-                b"POST", b"/publish", [(b"Content-Type", b"application/json")], sentinel
+                b"POST",
+                b"/publish",
+                [(b"Content-Type", b"application/json")],
+                sentinel,
+                host=host_of(broker.port),
             )
             assert exchange(broker.port, request, counter="entitlement").status == 200
             for watcher in watching:
