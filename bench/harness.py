@@ -364,7 +364,10 @@ class Loadgen:
         stalled: float = 0.0,
         concurrency: int = 100,
         connect_timeout: float = 30.0,
+        path: str | None = None,
+        first: int = 0,
     ) -> None:
+        """``path``, ``first``: loadgen.py's ``--path`` (None: ``/events``) and ``--first``."""
         self.name = name
         self.connections = connections
         self.group = group
@@ -384,6 +387,7 @@ class Loadgen:
                 str(concurrency),
                 "--connect-timeout",
                 str(connect_timeout),
+                *(["--path", path, "--first", str(first)] if path is not None else []),
             ],
             log_name=name,
             stdin=subprocess.PIPE,
@@ -527,9 +531,10 @@ def latency_between(loadgens: Sequence[Loadgen], start: Mark, end: Mark) -> Hist
 # --------------------------------------------------------------------------- publisher
 
 
-def event_json(pad: bytes) -> bytes:
-    """One event object whose data starts with the publish stamp (``time.monotonic_ns``)."""
-    return b'{"topic":"%s","data":"%d %s"}' % (TOPIC.encode(), time.monotonic_ns(), pad)
+def event_json(pad: bytes, topic: bytes = TOPIC.encode()) -> bytes:
+    """One event object whose data starts with the publish stamp (``time.monotonic_ns``).
+    ``topic`` goes in as it is: it must need no JSON escaping."""
+    return b'{"topic":"%s","data":"%d %s"}' % (topic, time.monotonic_ns(), pad)
 
 
 def padding(size: int) -> bytes:
@@ -637,9 +642,10 @@ class PublishResult:
 class Publisher:
     """Posts events to ``POST /publish`` over one keep-alive connection."""
 
-    def __init__(self, port: int, size: int, timeout: float = 30.0) -> None:
+    def __init__(self, port: int, size: int, timeout: float = 30.0, topic: str = TOPIC) -> None:
         self.port = port
         self.pad = padding(size)
+        self.topic = topic.encode()
         self.connection = HttpConnection(port, timeout=timeout)
         self.held = 0.0  # seconds spent waiting on ``hold``, readable while publishing
 
@@ -649,9 +655,9 @@ class Publisher:
     def post(self, count: int) -> int:
         """Post ``count`` events: one object when 1, else one JSON array. Returns the status."""
         if count == 1:
-            body = event_json(self.pad)
+            body = event_json(self.pad, self.topic)
         else:
-            body = b"[" + b",".join(event_json(self.pad) for _ in range(count)) + b"]"
+            body = b"[" + b",".join(event_json(self.pad, self.topic) for _ in range(count)) + b"]"
         status, _ = self.connection.request("POST", "/publish", body)
         return status
 
@@ -732,7 +738,9 @@ class Publisher:
                 b"Content-Type: application/x-ndjson\r\nTransfer-Encoding: chunked\r\n\r\n"
             )
             while time.monotonic() < deadline:
-                body = b"".join(event_json(self.pad) + b"\n" for _ in range(lines_per_write))
+                body = b"".join(
+                    event_json(self.pad, self.topic) + b"\n" for _ in range(lines_per_write)
+                )
                 connection.sock.sendall(b"%x\r\n%b\r\n" % (len(body), body))
                 result.requests += 1
             connection.sock.sendall(b"0\r\n\r\n")

@@ -15,6 +15,9 @@ connecting and stop reading (``pause_reading``) after the response head. The ser
 own socket send buffer still takes a few megabytes (Linux autotunes it) before the
 server's writes back up.
 
+Every connection asks for ``/events?topic=...`` unless ``--path`` names another request
+target (the Mercure hub's, say); a ``{n}`` in it gives each connection a query of its own.
+
 Protocol with the driver: JSON lines on stdout, one ``{"type": "connected", ...}`` once
 every connection has its response head (or failed), then ``{"type": "report", ...}``
 every ``--report-interval`` seconds with cumulative counters and the latency histogram
@@ -50,6 +53,9 @@ STAMP = re.compile(rb"\ndata: (\d*)")
 # (about 4.4% wide), indexed by round-down of log2(ns) * BUCKETS_PER_OCTAVE.
 BUCKETS_PER_OCTAVE = 16
 STALLED_RECEIVE_BUFFER = 4096
+# In ``--path``, the connection's number: the driver percent-encodes query values, so no
+# brace it sends is meant literally.
+NUMBER = "{n}"
 T = TypeVar("T")
 
 
@@ -229,11 +235,13 @@ async def connect_all(
     args: argparse.Namespace, totals: Totals
 ) -> tuple[list[SseClient], int, list[str]]:
     loop = asyncio.get_running_loop()
-    path = f"/events?topic={args.topic}"
-    request = (
-        f"GET {path} HTTP/1.1\r\nHost: {args.host}:{args.port}\r\n"
+    path = args.path or f"/events?topic={args.topic}"
+    head = (
+        f" HTTP/1.1\r\nHost: {args.host}:{args.port}\r\n"
         "Accept: text/event-stream\r\nCache-Control: no-cache\r\n\r\n"
-    ).encode()
+    )
+    numbered = NUMBER in path
+    shared = f"GET {path}{head}".encode()
     stalled, sampled = choose_roles(args.connections, args.stalled, args.sample)
     gate = asyncio.Semaphore(args.concurrency)
     clients: list[SseClient] = []
@@ -242,6 +250,9 @@ async def connect_all(
     async def one(position: int) -> None:
         async with gate:
             ready: asyncio.Future[None] = loop.create_future()
+            request = shared
+            if numbered:
+                request = f"GET {path.replace(NUMBER, str(args.first + position))}{head}".encode()
             client = SseClient(totals, request, ready, sampled=position in sampled)
             try:
                 async with asyncio.timeout(args.connect_timeout):
@@ -356,6 +367,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--connections", type=int, required=True)
     parser.add_argument("--topic", default="bench")
+    parser.add_argument(
+        "--path",
+        help="request target instead of /events?topic=TOPIC; " + NUMBER + " in it becomes "
+        "the connection's number (--first + its position), for per-connection queries",
+    )
+    parser.add_argument("--first", type=int, default=0, help="number of the first connection")
     parser.add_argument(
         "--sample", type=int, default=200, help="connections that record latency (spread evenly)"
     )

@@ -15,7 +15,8 @@ import math
 import os
 import platform
 import subprocess
-from collections.abc import Sequence
+import sys
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,15 @@ KIB = 1024
 MIB = 1024 * 1024
 NOTES_START = "<!-- notes:start -->"
 NOTES_END = "<!-- notes:end -->"
+# The Mercure section (scenario 7) may come from a run of its own: a run that measured it
+# replaces only what lies between these markers, and any other run keeps it as it is.
+MERCURE_START = "<!-- mercure:start -->"
+MERCURE_END = "<!-- mercure:end -->"
+MERCURE_TITLE = "7. Mercure subscriptions against `/events`: one topic, one event per POST"
+DEFAULT_MERCURE = (
+    f"### {MERCURE_TITLE}\n\n_Not measured yet: "
+    "`make bench ARGS='--scenarios mercure --servers broker'` fills in this section alone._"
+)
 DEFAULT_NOTES = (
     "Hand-written notes (profiles, before/after numbers of optimisations) go here; "
     "`make bench` keeps this section when it rewrites the rest of the file."
@@ -746,6 +756,118 @@ def scale_table(results: dict[str, Any]) -> Table:
     return table
 
 
+# Subscription kinds of scenario 7 (``run.MERCURE_KINDS``), in order: how each subscribes
+# and how many matchers the hub asks about every published topic ("scanned": URL
+# patterns, URI templates) when ``subscribers`` of that kind are connected.
+MERCURE_LABELS: dict[str, tuple[str, Callable[[int], int]]] = {
+    "events": ("`/events?topic=https://example.com/bench/1` (trie, exact)", lambda n: 0),
+    "exact": ("`/.well-known/mercure?match=https://example.com/bench/1` (Exact)", lambda n: 0),
+    "url_pattern": (
+        "`?matchURLPattern=https://example.com/bench/:id`, one pattern shared by all",
+        lambda n: 1,
+    ),
+    "url_pattern_distinct": (
+        "the same shared pattern + `matchURLPattern=https://example.com/other/<n>/:id`, "
+        "one of its own per subscriber",
+        lambda n: n + 1,
+    ),
+    "uri_template": (
+        "`?topic=https://example.com/bench/{id}` (legacy URI template, RE2)",
+        lambda n: 1,
+    ),
+}
+
+
+def mercure_table(results: dict[str, Any]) -> Table:
+    kinds = dig(results, "mercure", BROKER) or {}
+    reference = kinds.get("events", {})
+    rounds = dig(results, "meta", "plan", "mercure_rounds")
+    subscribers = next((run["subscribers"] for run in kinds.values()), None)
+    title = MERCURE_TITLE
+    if subscribers is not None:
+        title += f", {subscribers:,} subscribers of each kind"
+    table = Table(
+        title,
+        [
+            "subscription (one kind connected at a time)",
+            "matchers scanned per topic",
+            "deliveries/s",
+            "rounds' range",
+            "vs /events",
+            "events/s in",
+            "kept up",
+            "server CPU",
+            "CPU µs / delivery",
+            "CPU vs /events",
+            "CPU µs / event",
+        ],
+    )
+    for kind, (name, scanned) in MERCURE_LABELS.items():
+        run = kinds.get(kind)
+        if run is None:
+            continue
+        rate, cost = run["deliveries_per_s"], run["cpu_s_per_million"]
+        low, high = run["deliveries_per_s_range"]
+        table.rows.append(
+            [
+                name,
+                f"{scanned(run['subscribers']):,}",
+                count(rate),
+                f"{count(low)} to {count(high)}",
+                ratio(rate, reference.get("deliveries_per_s")),
+                count(run["published_per_s"]),
+                share(run["kept_up"]),
+                share(run["cpu_share"]),
+                fixed(cost),
+                ratio(cost, reference.get("cpu_s_per_million")),
+                count(cost * run["subscribers"]),
+            ]
+        )
+    table.notes.append(
+        "Every kind receives the same events: single-event POSTs of JSON to `/publish`, "
+        "topic `https://example.com/bench/1`, as fast as they are delivered (as in 2a). One "
+        "broker process; the kinds take turns, each one's subscribers connecting, measured "
+        "and gone before the next kind connects (the hub's open streams read from "
+        f"`/metrics`), {rounds or 'several'} rounds over all kinds; every number is the "
+        "median over the rounds (rounds' range: the lowest and highest deliveries/s). CPU "
+        "µs / delivery is the server's CPU per million deliveries in seconds, as in 2a; CPU "
+        "µs / event is that times the subscribers, the server's work per published event. "
+        "Matchers scanned: distinct URL patterns or URI templates the hub asks about each "
+        "published topic (`Hub.fan_out`); exact topics and our patterns are found in the "
+        "trie whatever their number."
+    )
+    shared, distinct = kinds.get("url_pattern"), kinds.get("url_pattern_distinct")
+    if shared and distinct and distinct["subscribers"]:
+        extra = (
+            distinct["cpu_s_per_million"] * distinct["subscribers"]
+            - shared["cpu_s_per_million"] * shared["subscribers"]
+        ) / distinct["subscribers"]
+        table.notes.append("")
+        table.notes.append(
+            f"The {distinct['subscribers']:,} patterns of their own (none of which matches) "
+            f"cost {extra:.2f} µs of server CPU each per published topic, against the "
+            "shared pattern alone: the fan-out's cost grows with the number of distinct "
+            "patterns, not of subscribers sharing one."
+        )
+    return table
+
+
+def mercure_section(results: dict[str, Any]) -> str:
+    """Scenario 7's part of the doc, saying which run it comes from: a run of its own
+    leaves the rest of the doc to an earlier run."""
+    meta = results.get("meta", {})
+    return "\n".join(
+        [
+            mercure_table(results).markdown(),
+            "",
+            f"Measured in {meta.get('mode')} mode on {meta.get('date')}, sse-broker "
+            f"{meta.get('commit') or 'unknown'}, with broker flags "
+            f"`{' '.join(meta.get('broker_args', [])) or '(defaults)'}`; other processes "
+            f"used {meta.get('foreign_share', 0):.0%} of the machine during that run.",
+        ]
+    )
+
+
 def tables(results: dict[str, Any]) -> list[Table]:
     return [
         idle_table(results),
@@ -906,7 +1028,10 @@ def render_text(results: dict[str, Any]) -> str:
         f"{meta.get('foreign_share', 0):.0%} of the machine meanwhile",
         "",
     ]
-    for table in [*tables(results), targets_table(results)]:
+    shown = [*tables(results), targets_table(results)]
+    if "mercure" in results:
+        shown.insert(-1, mercure_table(results))
+    for table in shown:
         parts.append(table.text().replace("**", ""))
         parts.append("")
     for server, errors in results.get("errors", {}).items():
@@ -915,18 +1040,15 @@ def render_text(results: dict[str, Any]) -> str:
     return "\n".join(parts)
 
 
-def existing_notes(path: Path) -> str:
-    try:
-        text = path.read_text()
-    except OSError:
-        return DEFAULT_NOTES
-    start, end = text.find(NOTES_START), text.find(NOTES_END)
+def existing_section(text: str, start_marker: str, end_marker: str) -> str | None:
+    """What lies between two markers of the doc, or None when they are not both there."""
+    start, end = text.find(start_marker), text.find(end_marker)
     if start < 0 or end < start:
-        return DEFAULT_NOTES
-    return text[start + len(NOTES_START) : end].strip() or DEFAULT_NOTES
+        return None
+    return text[start + len(start_marker) : end].strip() or None
 
 
-def render_markdown(results: dict[str, Any], notes: str, plots: Sequence[str]) -> str:
+def render_markdown(results: dict[str, Any], notes: str, plots: Sequence[str], mercure: str) -> str:
     meta = results.get("meta", {})
     versions = meta.get("versions", {})
     plan = meta.get("plan", {})
@@ -1009,6 +1131,7 @@ def render_markdown(results: dict[str, Any], notes: str, plots: Sequence[str]) -
     for table in tables(results):
         lines.append(table.markdown())
         lines.append("")
+    lines.extend([MERCURE_START, mercure, MERCURE_END, ""])
     if plots:
         lines.append("### Plots")
         lines.append("")
@@ -1026,14 +1149,52 @@ def render_markdown(results: dict[str, Any], notes: str, plots: Sequence[str]) -
 
 
 def write_outputs(results: dict[str, Any], docs: Path) -> list[Path]:
+    """Rewrite the doc, the plots and the JSON; a run of the Mercure scenario alone
+    rewrites only the Mercure section and the JSON's Mercure part, and a run without it
+    keeps the section of the doc an earlier run wrote."""
     docs.mkdir(parents=True, exist_ok=True)
-    written = make_plots(results, docs)
     doc = docs / "benchmarks.md"
-    notes = existing_notes(doc)
-    doc.write_text(render_markdown(results, notes, [path.name for path in written]))
     data = docs / "bench-results.json"
+    text = _read(str(doc))
+    mercure = mercure_section(results) if "mercure" in results else None
+    if dig(results, "meta", "sessions") == ["mercure"]:
+        return _write_mercure_only(results, mercure, doc, text, data)
+    kept = existing_section(text, MERCURE_START, MERCURE_END)
+    written = make_plots(results, docs)
+    notes = existing_section(text, NOTES_START, NOTES_END) or DEFAULT_NOTES
+    plots = [path.name for path in written]
+    doc.write_text(render_markdown(results, notes, plots, mercure or kept or DEFAULT_MERCURE))
     data.write_text(json.dumps(results, indent=1, sort_keys=True, default=str) + "\n")
     return [doc, data, *written]
+
+
+def _write_mercure_only(
+    results: dict[str, Any], mercure: str | None, doc: Path, text: str, data: Path
+) -> list[Path]:
+    """Put one Mercure-only run's section between the doc's markers and its numbers under
+    ``mercure`` (its meta under ``mercure_meta``) in the JSON, keeping everything else."""
+    written: list[Path] = []
+    start, end = text.find(MERCURE_START), text.find(MERCURE_END)
+    if mercure is not None and 0 <= start < end:
+        doc.write_text(text[: start + len(MERCURE_START)] + "\n" + mercure + "\n" + text[end:])
+        written.append(doc)
+    elif mercure is not None:
+        print(f"{doc} has no Mercure markers: left alone, see {data}", file=sys.stderr)
+    try:
+        merged = json.loads(data.read_text())
+    except (OSError, ValueError):
+        merged = {}
+    if not isinstance(merged, dict):
+        merged = {}
+    merged.update(
+        {
+            "mercure": results.get("mercure", {}),
+            "mercure_meta": results.get("meta", {}),
+            "mercure_errors": results.get("errors", {}),
+        }
+    )
+    data.write_text(json.dumps(merged, indent=1, sort_keys=True, default=str) + "\n")
+    return [*written, data]
 
 
 # --------------------------------------------------------------------------- plots

@@ -3,6 +3,7 @@
     .venv/bin/python bench/run.py               # quick mode (make bench), under 5 minutes
     .venv/bin/python bench/run.py --mode full   # make bench-full
     .venv/bin/python bench/run.py --servers broker,raw_asyncio --scenarios fanout --no-doc
+    .venv/bin/python bench/run.py --servers broker --scenarios mercure  # its doc section only
 
 Each server (our broker and the baselines in ``bench/servers/``) runs as its own process
 on 127.0.0.1, loaded by separate ``bench/loadgen.py`` processes, while this driver
@@ -23,11 +24,13 @@ import dataclasses
 import shlex
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+import urllib.parse
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,7 +42,9 @@ from harness import (
     HERE,
     PYTHON,
     ROOT,
+    TOPIC,
     BenchError,
+    HttpConnection,
     Loadgen,
     ProcessGroup,
     Publisher,
@@ -57,6 +62,7 @@ from harness import (
     total_events,
     wait_healthy,
 )
+from loadgen import NUMBER
 
 KIB = 1024
 MIB = 1024 * 1024
@@ -156,6 +162,10 @@ class Plan:
     scale_sizes: tuple[int, ...] = (1000,)  # scale-out: subscribers of each comparison
     scale_latency_rate: float = 20.0  # events/s of the scale-out latency phase
     scale_latency_seconds: float = 2.0
+    # Mercure session: subscribers of each subscription kind, and rounds over all the
+    # kinds (the median is reported); each fan-out window lasts ``fanout_seconds``.
+    mercure_subscribers: int = 1000
+    mercure_rounds: int = 3
 
     @property
     def largest(self) -> int:
@@ -213,6 +223,7 @@ PLANS = {
         connect_timeout=120.0,
         scale_sizes=(1000, 10000),
         scale_latency_seconds=10.0,
+        mercure_subscribers=5000,
     ),
 }
 
@@ -284,8 +295,15 @@ class ServerRun:
             )
 
     def add_loadgen(
-        self, connections: int, *, sample: int = 0, stalled: float = 0.0
+        self,
+        connections: int,
+        *,
+        sample: int = 0,
+        stalled: float = 0.0,
+        path: str | None = None,
+        first: int = 0,
     ) -> tuple[Loadgen, dict[str, Any]]:
+        """``path`` and ``first``: as ``Loadgen`` takes them (None: ``/events``)."""
         name = f"{self.log_name}-loadgen{len(self.loadgens)}"
         loadgen = Loadgen(
             self.ctx.group,
@@ -295,6 +313,8 @@ class ServerRun:
             sample=sample,
             stalled=stalled,
             connect_timeout=self.ctx.plan.connect_timeout / 2,
+            path=path,
+            first=first,
         )
         self.loadgens.append(loadgen)
         info = loadgen.wait_connected(self.ctx.plan.connect_timeout)
@@ -411,6 +431,8 @@ def measure_fanout(
     loadgens: list[Loadgen],
     batch: int = 1,
     others: Sequence[ServerRun] = (),
+    *,
+    topic: str = TOPIC,
 ) -> dict[str, Any]:
     """Publish back to back (``batch`` events per POST); deliveries/s and CPU over a
     window after a warm-up.
@@ -423,7 +445,7 @@ def measure_fanout(
     interval (counts are up to 50 ms old) never caps the rate: a fixed lead would.
 
     ``others``: further broker nodes the subscribers are connected to (publishing goes
-    to ``run``); their CPU and RSS are added to the server's.
+    to ``run``); their CPU and RSS are added to the server's. ``topic``: the events'.
     """
     plan = run.ctx.plan
     readers = max(readers_of(loadgens), 1)
@@ -440,7 +462,7 @@ def measure_fanout(
         return published - delivered > lead
 
     total_seconds = plan.fanout_warmup + plan.fanout_seconds + 0.3
-    publisher = Publisher(run.port, plan.event_size, timeout=total_seconds + 5.0)
+    publisher = Publisher(run.port, plan.event_size, timeout=total_seconds + 5.0, topic=topic)
     outcome: dict[str, Any] = {}
     published_at: list[int] = []
     progress = {"events": 0}
@@ -818,12 +840,112 @@ def session_scaleout(ctx: Context, spec: ServerSpec) -> None:
         ctx.group.stop(redis, grace=2.0)
 
 
+# Scenario 7: the same events (one topic, single-event POSTs to /publish) to the same
+# number of subscribers, subscribed in five ways (report.MERCURE_LABELS says which).
+# Query values are percent-encoded; NUMBER is each connection's own number.
+MERCURE_TOPIC = "https://example.com/bench/1"
+MERCURE_PATTERN = "https://example.com/bench/:id"
+MERCURE_HUB = "/.well-known/mercure"
+
+
+def _quoted(text: str) -> str:
+    return urllib.parse.quote(text, safe="")
+
+
+MERCURE_KINDS = {
+    "events": f"/events?topic={_quoted(MERCURE_TOPIC)}",
+    "exact": f"{MERCURE_HUB}?match={_quoted(MERCURE_TOPIC)}",
+    "url_pattern": f"{MERCURE_HUB}?matchURLPattern={_quoted(MERCURE_PATTERN)}",
+    "url_pattern_distinct": f"{MERCURE_HUB}?matchURLPattern={_quoted(MERCURE_PATTERN)}"
+    f"&matchURLPattern={_quoted('https://example.com/other/')}{NUMBER}{_quoted('/:id')}",
+    "uri_template": f"{MERCURE_HUB}?topic={_quoted('https://example.com/bench/{id}')}",
+}
+# The numbers of a fan-out that are kept as their median over the rounds.
+MERCURE_MEDIANS = (
+    "deliveries_per_s",
+    "published_per_s",
+    "kept_up",
+    "held_share",
+    "cpu_share",
+    "cpu_s_per_million",
+    "loadgen_cpu_s_per_million",
+)
+
+
+def open_streams(port: int) -> int:
+    """The broker's open event streams, from its ``/metrics``: the hub's own count."""
+    connection = HttpConnection(port, timeout=5.0)
+    try:
+        status, body = connection.request("GET", "/metrics")
+    finally:
+        connection.close()
+    if status != 200:
+        raise BenchError(f"GET /metrics answered {status}")
+    for line in body.decode().splitlines():
+        if line.startswith("sse_broker_connections "):
+            return int(float(line.split()[1]))
+    raise BenchError("/metrics has no sse_broker_connections")
+
+
+def wait_streams_closed(run: ServerRun, timeout: float) -> None:
+    """Wait until the hub has forgotten every stream: subscribers (and the matchers only
+    they held) left over from one kind would add to the next kind's fan-out."""
+    deadline = time.monotonic() + timeout
+    while (remaining := open_streams(run.port)) > 0:
+        if time.monotonic() > deadline:
+            raise BenchError(
+                f"{remaining} streams still open {timeout:g}s after their clients left"
+            )
+        time.sleep(0.1)
+
+
+def session_mercure(ctx: Context, spec: ServerSpec) -> None:
+    """Scenario 7: fan-out as in 2a to ``mercure_subscribers`` subscribers of each kind in
+    ``MERCURE_KINDS``, one kind connected at a time to one broker process. The kinds take
+    turns, ``mercure_rounds`` times over, so drift on a shared machine spreads over all of
+    them instead of landing on the last; each kind's median over its rounds is kept."""
+    plan = ctx.plan
+    rounds: dict[str, list[dict[str, Any]]] = {kind: [] for kind in MERCURE_KINDS}
+    with ServerRun(ctx, spec, "mercure") as run:
+        for _ in range(plan.mercure_rounds):
+            for kind, path in MERCURE_KINDS.items():
+                first = 0
+                while first < plan.mercure_subscribers:
+                    step = min(plan.mercure_subscribers - first, 5000)
+                    run.add_loadgen(step, path=path, first=first)
+                    first += step
+                fanout = measure_fanout(run, run.loadgens, topic=MERCURE_TOPIC)
+                rounds[kind].append(fanout)
+                ctx.log(
+                    f"{spec.key}: mercure {kind}, {fanout['subscribers']} subs: "
+                    f"{fanout['deliveries_per_s']:,.0f} deliveries/s, "
+                    f"{fanout['cpu_s_per_million']:.2f} CPU s/M, kept up {fanout['kept_up']:.0%}"
+                )
+                for loadgen in run.loadgens:
+                    loadgen.close()
+                run.loadgens.clear()
+                wait_streams_closed(run, timeout=10.0)
+    results: dict[str, Any] = {}
+    for kind, fanouts in rounds.items():
+        rates = [fanout["deliveries_per_s"] for fanout in fanouts]
+        results[kind] = {
+            "path": MERCURE_KINDS[kind],
+            "topic": MERCURE_TOPIC,
+            "subscribers": min(fanout["subscribers"] for fanout in fanouts),
+            "rounds": fanouts,
+            "deliveries_per_s_range": [min(rates), max(rates)],
+            **{key: statistics.median(run[key] for run in fanouts) for key in MERCURE_MEDIANS},
+        }
+    ctx.record("mercure", spec.key, results)
+
+
 SESSIONS: dict[str, Callable[[Context, ServerSpec], None]] = {
     "large": session_large,
     "middle": session_middle,
     "batched": session_batched,
     "slow": session_slow,
     "scaleout": session_scaleout,
+    "mercure": session_mercure,
 }
 
 SCENARIO_SESSIONS = {
@@ -835,7 +957,10 @@ SCENARIO_SESSIONS = {
     "publish": "middle",
     "slow": "slow",
     "scaleout": "scaleout",
+    "mercure": "mercure",
 }
+# Run only when named: with them quick mode would pass its 5 minutes (mercure: about 70 s).
+OPT_IN_SCENARIOS = ("mercure",)
 
 
 # --------------------------------------------------------------------------- main
@@ -852,7 +977,7 @@ def shown(path: Path) -> str:
 def specs_for(session: str, specs: list[ServerSpec]) -> list[ServerSpec]:
     """The servers a session runs: the batched fan-out compares the broker with the raw
     server in its coalescing mode (when both were asked for)."""
-    if session == "scaleout":
+    if session in ("scaleout", "mercure"):
         return [spec for spec in specs if spec.key == "broker"]
     if session != "batched":
         return specs
@@ -890,8 +1015,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--scenarios",
-        default=",".join(SCENARIO_SESSIONS),
-        help="comma-separated subset of: " + ", ".join(SCENARIO_SESSIONS),
+        default=",".join(s for s in SCENARIO_SESSIONS if s not in OPT_IN_SCENARIOS),
+        help="comma-separated subset of: "
+        + ", ".join(SCENARIO_SESSIONS)
+        + " (all but "
+        + ", ".join(OPT_IN_SCENARIOS)
+        + " by default)",
     )
     parser.add_argument(
         "--broker-args",
