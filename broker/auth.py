@@ -98,6 +98,9 @@ class Grants:
     payloads: tuple[tuple[Selector, dict[str, Any]], ...] = ()
     # Whether ``sub`` named the holder (else ``subject`` is a digest of the token).
     named: bool = False
+    # Whether the token is an RFC 9068 access token (header typ at+jwt, an exp): what
+    # Mercure's draft 8 requires of every token (``--no-mercure-legacy``).
+    access_token: bool = False
 
     def payload_for(self, matcher: str) -> dict[str, Any] | None:
         for topics, payload in self.payloads:
@@ -176,9 +179,15 @@ class TokenChecker:
             )
         except jwt.InvalidTokenError as exc:
             raise Unauthorized(f"the token is not valid: {exc}") from None
-        if DETAILS_CLAIM in claims:
-            _check_access_token(token, claims)
-        grants = grants_from_claims(claims, token, base)
+        access_token = _is_access_token(token, claims)
+        if DETAILS_CLAIM in claims and not access_token:
+            raise Unauthorized(
+                "a token with authorization_details must be an access token: "
+                "the header typ at+jwt and an exp claim"
+            )
+        grants = dataclasses.replace(
+            grants_from_claims(claims, token, base), access_token=access_token
+        )
         until = float("inf") if grants.expires is None else grants.expires
         self._cache[cache_key] = (grants, until)
         if len(self._cache) > CACHE_SIZE:
@@ -186,15 +195,12 @@ class TokenChecker:
         return grants
 
 
-def _check_access_token(token: str, claims: dict[str, Any]) -> None:
+def _is_access_token(token: str, claims: dict[str, Any]) -> bool:
     """RFC 9068: an access token says so in its header (so that an ID token carrying
     the same claims is not taken for one) and always expires."""
     header = jwt.get_unverified_header(token)  # verified by the decode that preceded
     kind = header.get("typ")
-    if not isinstance(kind, str) or kind.lower() not in ACCESS_TOKEN_TYPES:
-        raise Unauthorized("a token with authorization_details must have the header typ at+jwt")
-    if "exp" not in claims:
-        raise Unauthorized("a token with authorization_details must have an exp claim")
+    return isinstance(kind, str) and kind.lower() in ACCESS_TOKEN_TYPES and "exp" in claims
 
 
 def grants_from_claims(claims: dict[str, Any], token: str, base: str = DEFAULT_HUB_URL) -> Grants:

@@ -650,7 +650,8 @@ _OPTIONS: tuple[_Option, ...] = (
         "mercure_legacy",
         _boolean,
         "also accept clients of Mercure drafts before 8: the 'topic' subscribe parameter "
-        "(exact topics and URI templates) and several 'topic' fields in one publish",
+        "(exact topics and URI templates), several 'topic' fields in one publish, and "
+        "tokens that are not RFC 9068 access tokens",
         switch=True,
     ),
     _Option(

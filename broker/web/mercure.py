@@ -13,7 +13,8 @@ surface:
   canonical), ``data``, ``private``, ``id``, ``type`` and ``retry``; the answer is the
   update's id as ``text/plain``. Without an ``id`` the hub makes one, ``urn:uuid:...``;
 * tokens come from ``Authorization: Bearer``, then ``?access_token=``, then the
-  ``mercureAccessToken`` cookie, and failures are RFC 6750 challenges;
+  ``mercureAccessToken`` cookie, and failures are RFC 6750 challenges; without
+  ``--mercure-legacy`` they must be RFC 9068 access tokens;
 * a resuming subscriber learns from the ``Last-Event-ID`` response header where its
   replay really starts (``earliest`` when events may be lost).
 """
@@ -385,13 +386,22 @@ def grants_for(
     role: Callable[[web.Request, TokenSource, str], Grants | None],
 ) -> Grants | None:
     """The request's grants, taking its token where Mercure clients put it. A request
-    refused for want of a token is told where the hub's metadata is (RFC 9728)."""
+    refused for want of a token is told where the hub's metadata is (RFC 9728).
+
+    Without ``--mercure-legacy`` only RFC 9068 access tokens are accepted, as draft 8
+    requires; with it, also the tokens earlier drafts' publishers mint (no ``typ``)."""
     try:
-        return role(request, TokenSource(TOKEN_QUERY, state.config.mercure_cookie), hub)
+        grants = role(request, TokenSource(TOKEN_QUERY, state.config.mercure_cookie), hub)
     except Unauthorized as exc:
         if exc.headers.get("WWW-Authenticate") == "Bearer":
             exc.headers["WWW-Authenticate"] = challenge(request, state)
         raise
+    if grants is not None and not grants.access_token and not state.config.mercure_legacy:
+        raise Unauthorized(
+            "the token is not an access token (the header typ at+jwt and an exp claim); "
+            "tokens of earlier Mercure drafts need --mercure-legacy"
+        )
+    return grants
 
 
 def challenge(request: web.Request, state: BrokerState) -> str:
