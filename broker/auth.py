@@ -101,6 +101,8 @@ class Grants:
     # Whether the token is an RFC 9068 access token (header typ at+jwt, an exp): what
     # Mercure's draft 8 requires of every token (``--no-mercure-legacy``).
     access_token: bool = False
+    # The token's ``aud``: draft 8 wants the hub's resource identifier among them.
+    audiences: tuple[str, ...] = ()
 
     def payload_for(self, matcher: str) -> dict[str, Any] | None:
         for topics, payload in self.payloads:
@@ -186,13 +188,24 @@ class TokenChecker:
                 "the header typ at+jwt and an exp claim"
             )
         grants = dataclasses.replace(
-            grants_from_claims(claims, token, base), access_token=access_token
+            grants_from_claims(claims, token, base),
+            access_token=access_token,
+            audiences=_audiences(claims.get("aud")),
         )
         until = float("inf") if grants.expires is None else grants.expires
         self._cache[cache_key] = (grants, until)
         if len(self._cache) > CACHE_SIZE:
             self._cache.popitem(last=False)
         return grants
+
+
+def _audiences(aud: object) -> tuple[str, ...]:
+    """``aud`` is a string or a list of them (RFC 7519); anything else names none."""
+    if isinstance(aud, str):
+        return (aud,)
+    if isinstance(aud, list):
+        return tuple(item for item in aud if isinstance(item, str))
+    return ()
 
 
 def _is_access_token(token: str, claims: dict[str, Any]) -> bool:

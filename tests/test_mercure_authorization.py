@@ -568,25 +568,34 @@ async def test_the_metadata_names_the_public_url_audience_and_issuer(
     assert document["authorization_servers"] == ["https://auth.example.com"]
 
 
-async def test_without_legacy_support_only_access_tokens_are_accepted(
+async def test_without_legacy_support_only_access_tokens_for_this_hub_are_accepted(
     make_broker: BrokerFactory, client: httpx.AsyncClient
 ) -> None:
-    """Draft 8 requires RFC 9068 access tokens; earlier drafts' tokens (no ``typ``, no
-    ``exp``) work only with ``--mercure-legacy``, on either role."""
+    """Draft 8 requires RFC 9068 access tokens naming the hub's resource identifier in
+    ``aud``; earlier drafts' tokens (no ``typ``, no ``exp``, no ``aud``) work only with
+    ``--mercure-legacy``, on either role."""
     strict = await make_broker(jwt_key=JWT_KEY, allow_anonymous_publish=False, mercure_legacy=False)
+    everything = detail(["publish", "subscribe"], "*")
     legacy_claim = jwt.encode({"mercure": {"publish": ["*"], "subscribe": ["*"]}}, JWT_KEY)
-    rfc9068 = access_token(detail(["publish", "subscribe"], "*"))
-    for token, status in ((legacy_claim, 401), (rfc9068, 200)):
+    for_this_hub = access_token(everything, aud=[strict.url + HUB, "urn:other"])
+    for token, status in (
+        (legacy_claim, 401),
+        (access_token(everything), 401),  # no aud
+        (access_token(everything, aud="https://other.example/.well-known/mercure"), 401),
+        (for_this_hub, 200),
+    ):
         published = await client.post(
             strict.url + HUB, data={"topic": "a"}, headers={"Authorization": f"Bearer {token}"}
         )
         assert published.status_code == status, published.text
+        if status == 401:
+            assert published.headers["WWW-Authenticate"] == INVALID_TOKEN
     refused = await client.get(
         strict.url + HUB, params={"match": "a", "access_token": legacy_claim}
     )
     assert refused.status_code == 401
     assert refused.headers["WWW-Authenticate"] == INVALID_TOKEN
     async with aconnect_sse(
-        client, "GET", strict.url + HUB, params={"match": "a", "access_token": rfc9068}
+        client, "GET", strict.url + HUB, params={"match": "a", "access_token": for_this_hub}
     ) as accepted:
         assert accepted.response.status_code == 200

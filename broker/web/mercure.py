@@ -388,20 +388,32 @@ def grants_for(
     """The request's grants, taking its token where Mercure clients put it. A request
     refused for want of a token is told where the hub's metadata is (RFC 9728).
 
-    Without ``--mercure-legacy`` only RFC 9068 access tokens are accepted, as draft 8
-    requires; with it, also the tokens earlier drafts' publishers mint (no ``typ``)."""
+    Without ``--mercure-legacy`` only RFC 9068 access tokens whose ``aud`` names this
+    hub are accepted, as draft 8 requires; with it, also the tokens earlier drafts'
+    publishers mint (no ``typ``, often no ``aud``)."""
     try:
         grants = role(request, TokenSource(TOKEN_QUERY, state.config.mercure_cookie), hub)
     except Unauthorized as exc:
         if exc.headers.get("WWW-Authenticate") == "Bearer":
             exc.headers["WWW-Authenticate"] = challenge(request, state)
         raise
-    if grants is not None and not grants.access_token and not state.config.mercure_legacy:
+    if grants is None or state.config.mercure_legacy:
+        return grants
+    if not grants.access_token:
         raise Unauthorized(
             "the token is not an access token (the header typ at+jwt and an exp claim); "
             "tokens of earlier Mercure drafts need --mercure-legacy"
         )
+    resource = resource_identifier(request, state)
+    if resource not in grants.audiences:
+        raise Unauthorized(f"the token's aud does not name this hub, {resource!r}")
     return grants
+
+
+def resource_identifier(request: web.Request, state: BrokerState) -> str:
+    """The hub's OAuth 2.0 resource identifier, which tokens name in ``aud``: the
+    configured ``--jwt-audience``, else the hub's URL."""
+    return state.config.jwt_audience or hub_url(request, state.config)
 
 
 def challenge(request: web.Request, state: BrokerState) -> str:
@@ -415,7 +427,7 @@ async def handle_metadata(request: web.Request) -> web.Response:
     state = request.app[STATE]
     config = state.config
     document = resource_metadata(
-        resource=config.jwt_audience or hub_url(request, config),
+        resource=resource_identifier(request, state),
         cookie=True,
         issuer=config.jwt_issuer,
     )
