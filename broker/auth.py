@@ -75,12 +75,23 @@ DEFAULT_HUB_URL = "http://localhost/.well-known/mercure"
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class TokenSource:
-    """Where a request may carry its token besides ``Authorization: Bearer``: our API
-    reads ``?authorization=`` and the ``brokerAuthorization`` cookie, Mercure's endpoint
-    ``?access_token=`` (RFC 6750) and the ``mercureAccessToken`` cookie."""
+    """Where a request may carry its token besides ``Authorization: Bearer``, each list
+    in order of precedence: our API reads ``?authorization=`` and the
+    ``brokerAuthorization`` cookie, Mercure's endpoint ``?access_token=`` (RFC 6750) and
+    the ``mercureAccessToken`` cookie (and the names of earlier drafts with
+    ``--mercure-legacy``)."""
 
-    query: str
-    cookie: str
+    queries: tuple[str, ...]
+    cookies: tuple[str, ...]
+
+    def carries_only_cookie(self, request: web.Request) -> bool:
+        """Whether a cookie is what would authenticate the request (no header, no query
+        parameter): a browser sends cookies with any site's request."""
+        return (
+            "Authorization" not in request.headers
+            and not any(name in request.query for name in self.queries)
+            and any(name in request.cookies for name in self.cookies)
+        )
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -403,15 +414,19 @@ def token_from(request: web.Request, source: TokenSource) -> str | None:
         if not token:
             raise Unauthorized("the Authorization header holds no token")
         return token
-    query = request.query.getall(source.query, [])
-    if query:
-        if len(query) > 1 or not query[0]:
-            raise Unauthorized(f"give one non-empty {source.query!r} query parameter")
-        return query[0]
-    cookie_value = request.cookies.get(source.cookie)
-    if cookie_value is not None and not cookie_value:
-        raise Unauthorized(f"the {source.cookie!r} cookie is empty")
-    return cookie_value
+    for name in source.queries:
+        query = request.query.getall(name, [])
+        if query:
+            if len(query) > 1 or not query[0]:
+                raise Unauthorized(f"give one non-empty {name!r} query parameter")
+            return query[0]
+    for name in source.cookies:
+        cookie_value = request.cookies.get(name)
+        if cookie_value is not None:
+            if not cookie_value:
+                raise Unauthorized(f"the {name!r} cookie is empty")
+            return cookie_value
+    return None
 
 
 class Gatekeeper:
@@ -442,7 +457,7 @@ class Gatekeeper:
 
         self._publishers = checker(publisher_key, publisher_algorithm)
         self._subscribers = checker(subscriber_key, subscriber_algorithm)
-        self.source = TokenSource(QUERY_PARAMETER, cookie)
+        self.source = TokenSource((QUERY_PARAMETER,), (cookie,))
         self._anonymous_publish = allow_anonymous_publish
         self._anonymous_subscribe = allow_anonymous_subscribe
 

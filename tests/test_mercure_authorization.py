@@ -220,14 +220,35 @@ async def test_a_missing_token_is_a_challenge_without_an_error(
     assert_challenge(await post(client, broker.url, "a"), 401, expected)
     response = await client.get(broker.url + HUB, params={"match": "a"})
     assert_challenge(response, 401, expected)
-    # Our API's own query parameter and cookie are not Mercure's: no token either.
-    response = await client.post(
-        broker.url + HUB, params={"authorization": PUBLISHER}, data={"topic": "a"}
-    )
-    assert_challenge(response, 401, expected)
-    cookie = {"Cookie": f"brokerAuthorization={PUBLISHER}"}
+    # Our API's own cookie is not Mercure's: no token either.
+    cookie = {"Cookie": f"brokerAuthorization={PUBLISHER}", "Origin": broker.url}
     response = await client.post(broker.url + HUB, data={"topic": "a"}, headers=cookie)
     assert_challenge(response, 401, expected)
+
+
+async def test_earlier_drafts_token_places_work_with_legacy_support_only(
+    make_broker: BrokerFactory, client: httpx.AsyncClient
+) -> None:
+    """Hubs before draft 8 read ``?authorization=`` and the ``mercureAuthorization``
+    cookie (Symfony's Mercure component sets it): after the current places, and only
+    with ``--mercure-legacy``."""
+    legacy = await make_broker(jwt_key=JWT_KEY, allow_anonymous_publish=False)
+    strict = await make_broker(jwt_key=JWT_KEY, allow_anonymous_publish=False, mercure_legacy=False)
+    for broker, status in ((legacy, 200), (strict, 401)):
+        by_query = await client.post(
+            broker.url + HUB, params={"authorization": PUBLISHER}, data={"topic": "a"}
+        )
+        assert by_query.status_code == status, by_query.text
+        cookie = {"Cookie": f"mercureAuthorization={PUBLISHER}", "Origin": broker.url}
+        by_cookie = await client.post(broker.url + HUB, data={"topic": "a"}, headers=cookie)
+        assert by_cookie.status_code == status, by_cookie.text
+    # The current places win: a bad access_token is not rescued by a good authorization.
+    both = await client.post(
+        legacy.url + HUB,
+        params={"access_token": "not.a.token", "authorization": PUBLISHER},
+        data={"topic": "a"},
+    )
+    assert both.status_code == 401
 
 
 async def test_the_challenge_names_the_public_url(

@@ -13,8 +13,9 @@ surface:
   canonical), ``data``, ``private``, ``id``, ``type`` and ``retry``; the answer is the
   update's id as ``text/plain``. Without an ``id`` the hub makes one, ``urn:uuid:...``;
 * tokens come from ``Authorization: Bearer``, then ``?access_token=``, then the
-  ``mercureAccessToken`` cookie, and failures are RFC 6750 challenges; without
-  ``--mercure-legacy`` they must be RFC 9068 access tokens;
+  ``mercureAccessToken`` cookie (with ``--mercure-legacy`` then also earlier drafts'
+  ``?authorization=`` and ``mercureAuthorization``), and failures are RFC 6750
+  challenges; without ``--mercure-legacy`` they must be RFC 9068 access tokens;
 * a resuming subscriber learns from the ``Last-Event-ID`` response header where its
   replay really starts (``earliest`` when events may be lost).
 """
@@ -33,6 +34,7 @@ from yarl import URL
 
 from broker import sse
 from broker.auth import EXACT, Grants, TokenSource, check_publish
+from broker.config import Config
 from broker.discovery import METADATA_PATH, hub_url, origin, resource_metadata
 from broker.errors import (
     ClientError,
@@ -69,6 +71,9 @@ from broker.web.stream import EARLIEST, STREAM_HEADERS, last_event_id, open_stre
 
 ANY_TOPIC = "*"
 TOKEN_QUERY = "access_token"
+# Where Mercure hubs before draft 8 read tokens (Symfony's Mercure component sets this cookie).
+LEGACY_TOKEN_QUERY = "authorization"
+LEGACY_TOKEN_COOKIE = "mercureAuthorization"
 MAX_ID_LENGTH = 1024
 # Subscribe parameters: each names the type of the matcher it carries. Any other
 # parameter whose name starts with "match", whatever its case, is an error.
@@ -360,12 +365,7 @@ def _refuse_cross_site(request: web.Request, state: BrokerState) -> None:
     post. A publish authenticated by the cookie alone must therefore come from our own
     origin or one ``--cors-origin`` names (not ``*``), as its ``Origin`` (else its
     ``Referer``) shows; with neither header it is refused too (Mercure's advice)."""
-    cookie = state.config.mercure_cookie
-    if (
-        cookie not in request.cookies
-        or "Authorization" in request.headers
-        or TOKEN_QUERY in request.query
-    ):
+    if not token_source(state.config).carries_only_cookie(request):
         return
     source = request.headers.get("Origin")
     if source is None and "Referer" in request.headers:
@@ -374,7 +374,7 @@ def _refuse_cross_site(request: web.Request, state: BrokerState) -> None:
     allowed = {origin(request, state.config), *state.config.cors_origins} - {"*"}
     if source not in allowed:
         raise Forbidden(
-            f"a publish authenticated by the {cookie!r} cookie must come from this hub's "
+            "a publish authenticated by a cookie must come from this hub's "
             f"origin or an allowed --cors-origin, not {source or 'an unknown origin'}"
         )
 
@@ -392,7 +392,7 @@ def grants_for(
     hub are accepted, as draft 8 requires; with it, also the tokens earlier drafts'
     publishers mint (no ``typ``, often no ``aud``)."""
     try:
-        grants = role(request, TokenSource(TOKEN_QUERY, state.config.mercure_cookie), hub)
+        grants = role(request, token_source(state.config), hub)
     except Unauthorized as exc:
         if exc.headers.get("WWW-Authenticate") == "Bearer":
             exc.headers["WWW-Authenticate"] = challenge(request, state)
@@ -414,6 +414,16 @@ def resource_identifier(request: web.Request, state: BrokerState) -> str:
     """The hub's OAuth 2.0 resource identifier, which tokens name in ``aud``: the
     configured ``--jwt-audience``, else the hub's URL."""
     return state.config.jwt_audience or hub_url(request, state.config)
+
+
+def token_source(config: Config) -> TokenSource:
+    """Mercure's token places; earlier drafts' clients (``--mercure-legacy``) may also use
+    ``?authorization=`` and the ``mercureAuthorization`` cookie, after the current ones."""
+    if config.mercure_legacy:
+        return TokenSource(
+            (TOKEN_QUERY, LEGACY_TOKEN_QUERY), (config.mercure_cookie, LEGACY_TOKEN_COOKIE)
+        )
+    return TokenSource((TOKEN_QUERY,), (config.mercure_cookie,))
 
 
 def challenge(request: web.Request, state: BrokerState) -> str:
