@@ -41,6 +41,10 @@ class Replay:
 
 
 PREDECESSOR_SCAN = 1000
+# Mercure's resume point for "all the history there is": no event bears this id (our
+# ids are ``<ms>-<n>``, and Mercure publishes refuse it as a chosen id), so a replay
+# from it reads everything retained.
+EARLIEST = "earliest"
 
 
 class EventLog:
@@ -113,9 +117,17 @@ class EventLog:
             if positions.get(gone.id) == gone.seq:
                 del positions[gone.id]
 
-    def since(self, last_id: str, selector: Selector, grants: Selector | None = None) -> Replay:
+    def since(
+        self,
+        last_id: str,
+        selector: Selector,
+        grants: Selector | None = None,
+        *,
+        predecessor: bool = False,
+    ) -> Replay:
         """Events after ``last_id`` that ``selector`` wants and ``grants`` allow (private
-        events need them, see ``Event.readable_by``), oldest first.
+        events need them, see ``Event.readable_by``), oldest first; with ``predecessor``,
+        also ``Replay.predecessor`` (only Mercure reports it).
 
         An id no longer (or never) in the log cannot be placed: the replay then starts at
         the oldest retained event and says ``missed``, since what came between is gone.
@@ -141,12 +153,8 @@ class EventLog:
                 newer.append(event)
                 before = index
         newer.reverse()
-        return Replay(
-            newer,
-            missed=False,
-            through=head,
-            predecessor=self._readable_before(before, selector, grants),
-        )
+        found = self._readable_before(before, selector, grants) if predecessor else None
+        return Replay(newer, missed=False, through=head, predecessor=found)
 
     def _readable_before(
         self, index: int, selector: Selector, grants: Selector | None

@@ -61,6 +61,7 @@ from broker.auth import EXACT, Grants
 from broker.backends import Backend
 from broker.errors import Unavailable
 from broker.event import Event, EventDraft, encode_draft
+from broker.history import EARLIEST
 from broker.hub import Hub
 from broker.matchers import URI_TEMPLATE
 from broker.subscriber import Run, Subscriber
@@ -73,7 +74,6 @@ PREFIX = HUB_PATH + "/subscriptions"
 # segment.
 TOPICS = PREFIX + "/*/*/*"
 CONTEXT = "https://mercure.rocks/"
-EARLIEST = "earliest"
 # Events waiting to be published at most; past it (a backend down for long while
 # streams come and go) new ones are lost, with a warning.
 MAX_PENDING = 10_000
@@ -81,8 +81,6 @@ BATCH = 100
 # How long closing waits for the queued events (the ends of the streams shutdown ended).
 FLUSH_SECONDS = 5.0
 BOOTSTRAP_RETRY_SECONDS = 1.0
-# A replay from here reads the whole retained history: no event has this id.
-BEFORE_EVERYTHING = "0-0"
 
 Document = dict[str, Any]
 
@@ -250,7 +248,7 @@ class Registry:
         wanted = Selector([TOPICS])
         while True:
             try:
-                replay = await self._backend.replay(BEFORE_EVERYTHING, wanted, self.grants)
+                replay = await self._backend.replay(EARLIEST, wanted, self.grants)
             except Unavailable as exc:
                 logger.warning("reading subscription events from the history: %s", exc.detail)
                 await asyncio.sleep(BOOTSTRAP_RETRY_SECONDS)

@@ -120,7 +120,7 @@ def test_a_chosen_id_names_the_event_and_resumes_from_its_newest_use() -> None:
 def test_the_predecessor_of_an_empty_replay_is_the_newest_event() -> None:
     log = EventLog(100, 60)
     *_, last = log.append(drafts("a", "a"))
-    assert log.since(last.id, Selector(["a"])).predecessor == last.id
+    assert log.since(last.id, Selector(["a"]), predecessor=True).predecessor == last.id
 
 
 def test_the_predecessor_is_an_event_the_subscriber_would_have_received() -> None:
@@ -128,10 +128,10 @@ def test_the_predecessor_is_an_event_the_subscriber_would_have_received() -> Non
     then finds that very id as the predecessor, which tells it nothing was lost."""
     log = EventLog(100, 60)
     events = log.append(drafts("a", "b", "a", "b"))
-    replay = log.since(events[0].id, Selector(["a"]))
+    replay = log.since(events[0].id, Selector(["a"]), predecessor=True)
     assert replay.events == [events[2]]
     assert replay.predecessor == events[0].id
-    replay = log.since(events[2].id, Selector(["a"]))
+    replay = log.since(events[2].id, Selector(["a"]), predecessor=True)
     assert (replay.events, replay.predecessor) == ([], events[2].id)
 
 
@@ -141,9 +141,14 @@ def test_a_private_predecessor_is_known_only_with_a_matching_grant() -> None:
         [*drafts("a"), EventDraft(("secret",), b"data: s\n\n", private=True)]
     )
     wanted = Selector(["a", "secret"])
-    assert log.since(secret.id, wanted).predecessor == first.id
-    assert log.since(secret.id, wanted, Selector(["other"])).predecessor == first.id
-    assert log.since(secret.id, wanted, Selector(["secret"])).predecessor == secret.id
+    assert log.since(secret.id, wanted, predecessor=True).predecessor == first.id
+    assert (
+        log.since(secret.id, wanted, Selector(["other"]), predecessor=True).predecessor == first.id
+    )
+    assert (
+        log.since(secret.id, wanted, Selector(["secret"]), predecessor=True).predecessor
+        == secret.id
+    )
 
 
 def test_the_predecessor_scan_stops_after_its_limit() -> None:
@@ -151,17 +156,30 @@ def test_the_predecessor_scan_stops_after_its_limit() -> None:
     (public,) = log.append(drafts("a"))
     hidden = EventDraft(("secret",), b"data: s\n\n", private=True)
     *_, almost = log.append([hidden] * (PREDECESSOR_SCAN - 1))
-    assert log.since(almost.id, Selector(["a", "secret"])).predecessor == public.id
-    (last,) = log.append([hidden])
-    assert log.since(last.id, Selector(["a", "secret"])).predecessor is None
     assert (
-        log.since(last.id, Selector(["a", "secret"]), Selector(["secret"])).predecessor == last.id
+        log.since(almost.id, Selector(["a", "secret"]), predecessor=True).predecessor == public.id
+    )
+    (last,) = log.append([hidden])
+    assert log.since(last.id, Selector(["a", "secret"]), predecessor=True).predecessor is None
+    assert (
+        log.since(
+            last.id, Selector(["a", "secret"]), Selector(["secret"]), predecessor=True
+        ).predecessor
+        == last.id
     )
 
 
 def test_a_missed_replay_has_no_predecessor() -> None:
     log = EventLog(100, 60)
     log.append(drafts("a", "a"))
-    replay = log.since("not-an-id", Selector(["a"]))
+    replay = log.since("not-an-id", Selector(["a"]), predecessor=True)
     assert replay.missed
     assert replay.predecessor is None
+
+
+def test_the_predecessor_is_looked_for_only_when_asked() -> None:
+    """Only Mercure reports it: ``/events`` resumes do not pay for the backward scan."""
+    log = EventLog(100, 60)
+    first, _ = log.append(drafts("a", "a"))
+    assert log.since(first.id, Selector(["a"])).predecessor is None
+    assert log.since(first.id, Selector(["a"]), predecessor=True).predecessor == first.id

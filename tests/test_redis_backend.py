@@ -506,7 +506,7 @@ async def test_a_chosen_id_whose_index_key_expired_is_missed(
         return not await raw_redis.exists(f"{redis_prefix}:id:x")
 
     await wait_until(expired)
-    replay = await backend.replay("x", Selector(["t"]))
+    replay = await backend.replay("x", Selector(["t"]), predecessor=True)
     assert replay.missed
     assert replay.predecessor is None
     assert [data_of(event) for event in replay.events] == ["1", "2"]
@@ -517,7 +517,7 @@ async def test_a_chosen_id_whose_entry_was_trimmed_is_missed(start_node: NodeFac
     await backend.publish([chosen("t", "x", "x")])
     ids = await backend.publish([chosen("t", str(n)) for n in range(20)])
     await backend.trim()
-    replay = await backend.replay("x", Selector(["t"]))
+    replay = await backend.replay("x", Selector(["t"]), predecessor=True)
     assert replay.missed
     assert replay.predecessor is None
     assert [event.id for event in replay.events] == ids[-5:]
@@ -571,7 +571,7 @@ async def test_the_predecessor_of_an_empty_replay_is_the_newest_event(
 ) -> None:
     backend, _ = await start_node()
     await backend.publish([chosen("t", "1"), chosen("t", "2", "x")])
-    replay = await backend.replay("x", Selector(["t"]))
+    replay = await backend.replay("x", Selector(["t"]), predecessor=True)
     assert (replay.events, replay.missed, replay.predecessor) == ([], False, "x")
 
 
@@ -582,10 +582,10 @@ async def test_the_predecessor_is_an_event_the_subscriber_would_have_received(
     ids = await backend.publish(
         [chosen("a", "0"), chosen("b", "1"), chosen("a", "2"), chosen("b", "3")]
     )
-    replay = await backend.replay(ids[0], Selector(["a"]))
+    replay = await backend.replay(ids[0], Selector(["a"]), predecessor=True)
     assert [event.id for event in replay.events] == [ids[2]]
     assert replay.predecessor == ids[0], "events of other topics are skipped"
-    replay = await backend.replay(ids[2], Selector(["a"]))
+    replay = await backend.replay(ids[2], Selector(["a"]), predecessor=True)
     assert replay.events == []
     assert replay.predecessor == ids[2], "the newest wanted event when nothing is replayed"
 
@@ -596,9 +596,9 @@ async def test_a_private_predecessor_is_known_only_with_a_matching_grant(
     backend, _ = await start_node()
     ids = await backend.publish([chosen("a", "0"), chosen("secret", "1", "hidden", private=True)])
     wanted = Selector(["a", "secret"])
-    anonymous = await backend.replay("hidden", wanted)
-    granted = await backend.replay("hidden", wanted, Selector(["secret"]))
-    other_grant = await backend.replay("hidden", wanted, Selector(["other"]))
+    anonymous = await backend.replay("hidden", wanted, predecessor=True)
+    granted = await backend.replay("hidden", wanted, Selector(["secret"]), predecessor=True)
+    other_grant = await backend.replay("hidden", wanted, Selector(["other"]), predecessor=True)
     assert anonymous.events == granted.events == []
     assert anonymous.predecessor == ids[0]
     assert other_grant.predecessor == ids[0]
@@ -613,11 +613,15 @@ async def test_the_predecessor_scan_stops_after_its_limit(start_node: NodeFactor
     hidden = await backend.publish(
         [chosen("secret", str(n), private=True) for n in range(PREDECESSOR_SCAN - 1)]
     )
-    assert (await backend.replay(hidden[-1], Selector(["a", "secret"]))).predecessor == public
+    assert (
+        await backend.replay(hidden[-1], Selector(["a", "secret"]), predecessor=True)
+    ).predecessor == public
     (last,) = await backend.publish([chosen("secret", "one more", private=True)])
-    replay = await backend.replay(last, Selector(["a", "secret"]))
+    replay = await backend.replay(last, Selector(["a", "secret"]), predecessor=True)
     assert (replay.missed, replay.predecessor) == (False, None)
-    granted = await backend.replay(last, Selector(["a", "secret"]), Selector(["secret"]))
+    granted = await backend.replay(
+        last, Selector(["a", "secret"]), Selector(["secret"]), predecessor=True
+    )
     assert granted.predecessor == last
 
 
@@ -628,14 +632,14 @@ async def test_a_malformed_entry_is_skipped_by_the_predecessor_scan(
     (before,) = await backend.publish([chosen("t", "before")])
     await add_entry(raw_redis, backend.log_key, {"topics": "t", "data": "x", "id": "a\nb"})
     last = await add_entry(raw_redis, backend.log_key, {"topics": "t"})  # no data
-    replay = await backend.replay(last, Selector(["t"]))
+    replay = await backend.replay(last, Selector(["t"]), predecessor=True)
     assert (replay.events, replay.missed, replay.predecessor) == ([], False, before)
 
 
 async def test_a_missed_replay_has_no_predecessor(start_node: NodeFactory) -> None:
     backend, _ = await start_node()
     await backend.publish([chosen("t", "1"), chosen("t", "2")])
-    replay = await backend.replay("not-an-id", Selector(["t"]))
+    replay = await backend.replay("not-an-id", Selector(["t"]), predecessor=True)
     assert replay.missed
     assert replay.predecessor is None
 

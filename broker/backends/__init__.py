@@ -41,9 +41,17 @@ class Backend(Protocol):
         Raises ``broker.errors.Unavailable`` when the log cannot be written now.
         """
 
-    async def replay(self, last_id: str, selector: Selector, grants: Selector | None) -> Replay:
+    async def replay(
+        self,
+        last_id: str,
+        selector: Selector,
+        grants: Selector | None,
+        *,
+        predecessor: bool = False,
+    ) -> Replay:
         """What a subscriber resuming after ``last_id`` gets; see ``Replay``. Private
         events are included only where ``grants`` (the subscriber's token) allow them.
+        ``Replay.predecessor`` is looked for only when asked (Mercure reports it).
 
         Raises ``broker.errors.Unavailable`` when the log cannot be read now.
         """

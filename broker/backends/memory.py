@@ -110,9 +110,14 @@ class MemoryBackend:
         return Published([events[a].id if isinstance(a, int) else a for a in answers], len(events))
 
     async def replay(
-        self, last_id: str, selector: Selector, grants: Selector | None = None
+        self,
+        last_id: str,
+        selector: Selector,
+        grants: Selector | None = None,
+        *,
+        predecessor: bool = False,
     ) -> Replay:
-        return self.log.since(last_id, selector, grants)
+        return self.log.since(last_id, selector, grants, predecessor=predecessor)
 
     def ready(self) -> bool:
         return self._hub is not None

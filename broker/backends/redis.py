@@ -249,6 +249,27 @@ def entry_stream_id(event: Event) -> str:
     return f"{event.seq >> 64}-{event.seq & _MAX_ID_PART}"
 
 
+def readable_entry(
+    entry_id: bytes,
+    fields: dict[bytes, bytes],
+    selector: Selector,
+    grants: Selector | None,
+    created: float,
+) -> Event | None:
+    """The entry as an event if this subscriber would receive it (``Event.readable_by``),
+    else None; topics are checked before anything is encoded. Malformed entries are
+    skipped, with a warning."""
+    try:
+        topics = entry_topics(fields)
+        if not selector.matches_any(topics):
+            return None
+        event = entry_event(entry_id, fields, topics, created)
+    except MalformedEntry as exc:
+        logger.warning("skipping stream entry %s: %s", entry_id, exc)
+        return None
+    return event if event.readable_by(selector, grants) else None
+
+
 def _no_such_key(result: object) -> bool:
     return isinstance(result, ResponseError) and "no such key" in str(result).lower()
 
@@ -419,7 +440,12 @@ class RedisBackend:
     # -- replay
 
     async def replay(
-        self, last_id: str, selector: Selector, grants: Selector | None = None
+        self,
+        last_id: str,
+        selector: Selector,
+        grants: Selector | None = None,
+        *,
+        predecessor: bool = False,
     ) -> Replay:
         """Entries after ``last_id`` that ``selector`` wants and ``grants`` allow (see
         ``Event.readable_by``), read from the stream.
@@ -432,10 +458,11 @@ class RedisBackend:
         stream id, it is newer than anything this stream generated (a Redis that restarted
         empty), or its entry is no longer in the stream (trimmed, or never in it). Then
         every retained matching entry is replayed, as the in-memory log does.
-        ``predecessor`` is found as ``EventLog.since`` finds it (see ``Replay``).
+        With ``predecessor``, ``Replay.predecessor`` is found as ``EventLog.since`` finds
+        it, by ``XREVRANGE``.
         """
         try:
-            return await self._read_replay(last_id, selector, grants)
+            return await self._read_replay(last_id, selector, grants, predecessor)
         except _CONNECTION_ERRORS:
             raise Unavailable(
                 "the event log (Redis) is unreachable", retry_after=RETRY_AFTER
@@ -447,42 +474,52 @@ class RedisBackend:
             ) from None
 
     async def _read_replay(
-        self, last_id: str, selector: Selector, grants: Selector | None
+        self, last_id: str, selector: Selector, grants: Selector | None, predecessor: bool
     ) -> Replay:
-        indexed = await self._redis.get(self._id_prefix + last_id)
-        if isinstance(indexed, bytes):
-            # Whatever else wrote the key, a value that is no entry id is simply missed.
-            last_id = indexed.decode("ascii", "replace")
+        # One round trip for the usual resume from an entry id; a chosen id the index
+        # knows costs a second one, for the entry it names.
         position = parse_stream_id(last_id)
         pipe = self._redis.pipeline(transaction=True)
+        pipe.get(self._id_prefix + last_id)
         pipe.xinfo_stream(self._log_key)
         if position is not None:
             pipe.xrange(self._log_key, last_id, last_id, count=1)
         results = await pipe.execute(raise_on_error=False)
-        info = results[0]
+        indexed, info = results[0], results[1]
+        for result in (indexed, *results[2:]):
+            if isinstance(result, Exception):
+                raise result
         if isinstance(info, Exception):
             if _no_such_key(info):
                 return Replay([], missed=True, through=0)
             raise info
-        if position is not None and isinstance(results[1], Exception):
-            raise results[1]
+        entry: list[Entry] = results[2] if position is not None else []
+        if isinstance(indexed, bytes):
+            # Whatever else wrote the key, a value that is no entry id is simply missed.
+            last_id = indexed.decode("ascii", "replace")
+            position = parse_stream_id(last_id)
+            if position is not None:
+                reply: Any = await self._redis.xrange(self._log_key, last_id, last_id, count=1)
+                entry = reply
         head_id: str = info["last-generated-id"].decode("ascii")
         head = parse_stream_id(head_id)
         assert head is not None
         through = stream_seq(head)
         if position == head:
-            predecessor = await self._readable_before(head_id, selector, grants)
-            return Replay([], missed=False, through=through, predecessor=predecessor)
-        retained = position is not None and position < head and bool(results[1])
+            found = await self._readable_before(head_id, selector, grants) if predecessor else None
+            return Replay([], missed=False, through=through, predecessor=found)
+        retained = position is not None and position < head and bool(entry)
         events, gap = await self._read_range(
             last_id if retained else None, head_id, selector, grants
         )
         if not retained or gap:
             return Replay(events, missed=True, through=through)
+        if not predecessor:
+            return Replay(events, missed=False, through=through)
         # Before the first event replayed, or from the head on when there is none.
         bound = f"({entry_stream_id(events[0])}" if events else head_id
-        predecessor = await self._readable_before(bound, selector, grants)
-        return Replay(events, missed=False, through=through, predecessor=predecessor)
+        found = await self._readable_before(bound, selector, grants)
+        return Replay(events, missed=False, through=through, predecessor=found)
 
     async def _readable_before(
         self, bound: str, selector: Selector, grants: Selector | None
@@ -497,12 +534,8 @@ class RedisBackend:
             reply: Any = await self._redis.xrevrange(self._log_key, bound, "-", count=count)
             batch: list[Entry] = reply
             for entry_id, fields in batch:
-                try:
-                    event = entry_event(entry_id, fields, entry_topics(fields), created)
-                except MalformedEntry as exc:
-                    logger.warning("skipping stream entry %s: %s", entry_id, exc)
-                    continue
-                if event.readable_by(selector, grants):
+                event = readable_entry(entry_id, fields, selector, grants, created)
+                if event is not None:
                     return event.id
             if len(batch) < count:
                 return None
@@ -535,14 +568,9 @@ class RedisBackend:
                 if oldest_id is None or cursor_id is None or oldest_id > cursor_id:
                     gap = True  # the entry read last is gone, and maybe some after it
             for entry_id, fields in batch:
-                try:
-                    topics = entry_topics(fields)
-                    if selector.matches_any(topics):
-                        event = entry_event(entry_id, fields, topics, created)
-                        if event.readable_by(selector, grants):
-                            events.append(event)
-                except MalformedEntry as exc:
-                    logger.warning("skipping stream entry %s: %s", entry_id, exc)
+                event = readable_entry(entry_id, fields, selector, grants, created)
+                if event is not None:
+                    events.append(event)
             if len(batch) < REPLAY_BATCH:
                 return events, gap
             cursor = batch[-1][0].decode("ascii")

@@ -53,6 +53,7 @@ from broker.event import (
     EventDraft,
     encode_draft,
 )
+from broker.history import EARLIEST
 from broker.limits import charge
 from broker.matchers import (
     MAX_PATTERN_LENGTH,
@@ -67,7 +68,7 @@ from broker.subscriptions import presented
 from broker.topics import DOUBLE_STAR, MAX_TOPIC_LENGTH, Matcher, Selector, is_reserved
 from broker.web.publish import FORM_TYPES, publish_drafts, read_body, read_form
 from broker.web.state import STATE, BrokerState
-from broker.web.stream import EARLIEST, STREAM_HEADERS, last_event_id, open_stream
+from broker.web.stream import STREAM_HEADERS, last_event_id, open_stream
 
 ANY_TOPIC = "*"
 TOKEN_QUERY = "access_token"

@@ -23,7 +23,7 @@ from broker import sse
 from broker.auth import Grants
 from broker.backends import Backend
 from broker.errors import InvalidSubscription, TooManyConnections, TooManyRequests, Unavailable
-from broker.history import Replay
+from broker.history import EARLIEST, Replay
 from broker.limits import request_address
 from broker.subscriber import CloseReason, Subscriber
 from broker.topics import Selector, TopicError, validate_pattern
@@ -32,9 +32,6 @@ from broker.web.state import STATE
 logger = logging.getLogger(__name__)
 
 MAX_LAST_EVENT_ID_LENGTH = 1024
-# Mercure's resume point meaning "all the history there is" (no id can be this: Mercure
-# ids are IRIs, ours contain a dash).
-EARLIEST = "earliest"
 STREAM_HEADERS = {
     "Content-Type": "text/event-stream; charset=utf-8",
     "Cache-Control": "no-cache",
@@ -210,12 +207,12 @@ def _end_time(grants: Grants | None, max_age: float) -> float | None:
 async def _read_replay(
     backend: Backend, resume_from: str, selector: Selector, grants: Selector | None
 ) -> Replay:
-    if resume_from != EARLIEST:
-        return await backend.replay(resume_from, selector, grants)
-    # No event bears this id, so the log replays everything it holds; nothing is
-    # "missed" when everything was asked for.
-    replay = await backend.replay(resume_from, selector, grants)
-    return dataclasses.replace(replay, missed=False, predecessor=None)
+    replay = await backend.replay(resume_from, selector, grants, predecessor=True)
+    if resume_from == EARLIEST:
+        # No event bears this id, so the log replayed everything it holds; nothing is
+        # "missed" when everything was asked for.
+        return dataclasses.replace(replay, missed=False, predecessor=None)
+    return replay
 
 
 def release_connection(request: web.Request) -> None:
