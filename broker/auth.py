@@ -13,7 +13,8 @@ A token grants topics in any of three claims, merged:
   drafts, so tokens minted for those hubs work unchanged: each entry is an exact topic or
   a URI template, and ``"*"`` means every topic.
 
-In every form ``*`` as a whole matcher means every topic.
+In Mercure's two forms ``*`` as a whole matcher means every topic (in ours, ``**``
+does: there ``*`` is one segment).
 
 Publishing needs ``publish`` grants covering every topic of every event. Reading
 *public* events needs no grant at all (unless anonymous subscribers are refused); a
@@ -53,6 +54,7 @@ from broker.topics import (
     Matcher,
     Selector,
     TopicError,
+    text_problem,
     validate_pattern,
 )
 
@@ -182,7 +184,7 @@ class TokenChecker:
             # among them) could not even be handed to the decoder.
             raise Unauthorized("the token is not a JWT: it has characters outside ASCII")
         try:
-            claims = jwt.decode(
+            decoded = jwt.decode_complete(
                 token,
                 self._key,
                 algorithms=self._algorithms,
@@ -192,17 +194,14 @@ class TokenChecker:
             )
         except jwt.InvalidTokenError as exc:
             raise Unauthorized(f"the token is not valid: {exc}") from None
-        access_token = _is_access_token(token, claims)
+        claims: dict[str, Any] = decoded["payload"]
+        access_token = _is_access_token(decoded["header"], claims)
         if DETAILS_CLAIM in claims and not access_token:
             raise Unauthorized(
                 "a token with authorization_details must be an access token: "
                 "the header typ at+jwt and an exp claim"
             )
-        grants = dataclasses.replace(
-            grants_from_claims(claims, token, base),
-            access_token=access_token,
-            audiences=_audiences(claims.get("aud")),
-        )
+        grants = grants_from_claims(claims, token, base, access_token=access_token)
         until = float("inf") if grants.expires is None else grants.expires
         self._cache[cache_key] = (grants, until)
         if len(self._cache) > CACHE_SIZE:
@@ -219,15 +218,20 @@ def _audiences(aud: object) -> tuple[str, ...]:
     return ()
 
 
-def _is_access_token(token: str, claims: dict[str, Any]) -> bool:
+def _is_access_token(header: dict[str, Any], claims: dict[str, Any]) -> bool:
     """RFC 9068: an access token says so in its header (so that an ID token carrying
     the same claims is not taken for one) and always expires."""
-    header = jwt.get_unverified_header(token)  # verified by the decode that preceded
     kind = header.get("typ")
     return isinstance(kind, str) and kind.lower() in ACCESS_TOKEN_TYPES and "exp" in claims
 
 
-def grants_from_claims(claims: dict[str, Any], token: str, base: str = DEFAULT_HUB_URL) -> Grants:
+def grants_from_claims(
+    claims: dict[str, Any],
+    token: str,
+    base: str = DEFAULT_HUB_URL,
+    *,
+    access_token: bool = False,
+) -> Grants:
     """Read the grants of every claim form, merged (see the module docstring)."""
     publish = _Collected()
     subscribe = _Collected()
@@ -252,16 +256,26 @@ def grants_from_claims(claims: dict[str, Any], token: str, base: str = DEFAULT_H
         )
     if publish.count > MAX_GRANTED_PATTERNS or subscribe.count > MAX_GRANTED_PATTERNS:
         raise Unauthorized(f"the token grants more than {MAX_GRANTED_PATTERNS} topics per action")
-    subject = claims.get("sub")
-    named = isinstance(subject, str) and bool(subject)
-    if not isinstance(subject, str) or not subject:
-        subject = "token:" + hashlib.sha256(token.encode("utf-8", "replace")).hexdigest()[:32]
+    sub = claims.get("sub")
+    named = isinstance(sub, str) and bool(sub)
+    subject = sub if isinstance(sub, str) and sub else _token_digest(token)
     expiry = claims.get("exp")
     # PyJWT has checked that a present exp is a number; it compares whole seconds.
     expires = float(int(expiry)) if isinstance(expiry, (int, float)) else None
     return Grants(
-        publish.selector(), subscribe.selector(), subject, expires, tuple(payloads), named
+        publish.selector(),
+        subscribe.selector(),
+        subject,
+        expires,
+        tuple(payloads),
+        named,
+        access_token,
+        _audiences(claims.get("aud")),
     )
+
+
+def _token_digest(token: str) -> str:
+    return "token:" + hashlib.sha256(token.encode("utf-8", "replace")).hexdigest()[:32]
 
 
 class _Collected:
@@ -335,14 +349,8 @@ def _detail_topics(value: object, base: str, where: str) -> _Collected:
     for number, item in enumerate(value):
         if not isinstance(item, dict):
             raise Unauthorized(f"the token's {where}[{number}] must be an object")
-        match = item.get("match")
+        match = _matcher_text(item.get("match"), f"{where}[{number}].match")
         kind = item.get("matchType", EXACT)
-        if not isinstance(match, str) or not match or _has_control(match):
-            raise Unauthorized(f"the token's {where}[{number}].match must be a topic matcher")
-        if len(match) > MAX_TOPIC_LENGTH:
-            raise Unauthorized(
-                f"the token's {where}[{number}].match is over {MAX_TOPIC_LENGTH} characters"
-            )
         if kind not in (EXACT, URL_PATTERN):
             raise Unauthorized(
                 f"the token's {where}[{number}].matchType must be Exact or URLPattern"
@@ -359,8 +367,13 @@ def _detail_topics(value: object, base: str, where: str) -> _Collected:
     return topics
 
 
-def _has_control(text: str) -> bool:
-    return any(ord(c) < 0x20 or 0x7F <= ord(c) <= 0x9F for c in text)
+def _matcher_text(item: object, where: str) -> str:
+    """A topic or matcher a token names: text Mercure accepts, of bounded length."""
+    if not isinstance(item, str) or not item or text_problem(item) is not None:
+        raise Unauthorized(f"the token's {where} must hold topics, not {item!r}")
+    if len(item) > MAX_TOPIC_LENGTH:
+        raise Unauthorized(f"the token's {where} has a topic over {MAX_TOPIC_LENGTH} characters")
+    return item
 
 
 def _claim_object(claims: dict[str, Any], name: str) -> dict[str, Any]:
@@ -377,14 +390,7 @@ def _strings(value: object, where: str) -> list[str]:
         raise Unauthorized(f"the token's {where} must be a list of topics")
     if len(value) > MAX_GRANTED_PATTERNS:
         raise Unauthorized(f"the token's {where} lists more than {MAX_GRANTED_PATTERNS} topics")
-    for item in value:
-        if not isinstance(item, str) or not item or _has_control(item):
-            raise Unauthorized(f"the token's {where} must hold topics, not {item!r}")
-        if len(item) > MAX_TOPIC_LENGTH:
-            raise Unauthorized(
-                f"the token's {where} has a topic over {MAX_TOPIC_LENGTH} characters"
-            )
-    return value
+    return [_matcher_text(item, where) for item in value]
 
 
 def _patterns(value: object, where: str) -> list[str]:

@@ -60,17 +60,15 @@ def _quoted(text: str) -> str:
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-def resource_metadata(
-    *, resource: str, cookie: bool, issuer: str | None, query: bool = True
-) -> dict[str, Any]:
-    """The RFC 9728 document served at ``METADATA_PATH``."""
+def resource_metadata(*, resource: str, issuer: str | None) -> dict[str, Any]:
+    """The RFC 9728 document served at ``METADATA_PATH``: tokens come in the header, the
+    ``access_token`` query parameter or the cookie (``mercure_cookie``)."""
     document: dict[str, Any] = {
         "resource": resource,
-        "bearer_methods_supported": ["header", "query"] if query else ["header"],
+        "bearer_methods_supported": ["header", "query"],
         "mercure_version": MERCURE_VERSION,
+        "mercure_cookie": True,
     }
     if issuer is not None:
         document["authorization_servers"] = [issuer]
-    if cookie:
-        document["mercure_cookie"] = True
     return document

@@ -76,11 +76,8 @@ class Unauthorized(ClientError):
     status = 401
     code = "unauthorized"
 
-    def __init__(
-        self, detail: str, *, invalid_token: bool = True, challenge: str | None = None
-    ) -> None:
-        if challenge is None:
-            challenge = 'Bearer error="invalid_token"' if invalid_token else "Bearer"
+    def __init__(self, detail: str, *, invalid_token: bool = True) -> None:
+        challenge = 'Bearer error="invalid_token"' if invalid_token else "Bearer"
         super().__init__(detail, headers={"WWW-Authenticate": challenge})
 
 

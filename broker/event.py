@@ -91,12 +91,10 @@ class Event:
     def readable_by(self, selector: Selector, grants: Selector | None) -> bool:
         """Whether a subscriber with ``selector`` and (for private events) ``grants``
         should get this event; replay asks this of every event it reads."""
-        return selector.matches_any(self.topics) and self.visible_to(grants)
-
-    def visible_to(self, grants: Selector | None) -> bool:
-        """Whether a subscriber holding ``grants`` may know of this event at all: public
-        events are anyone's, private ones need a grant matching one of their topics."""
-        return not self.private or (grants is not None and grants.matches_any(self.topics))
+        topics = self.topics
+        if not selector.matches_any(topics):
+            return False
+        return not self.private or (grants is not None and grants.matches_any(topics))
 
     def wire(self, chunked: bool) -> bytes:
         return self.chunk if chunked else self.frame

@@ -18,9 +18,12 @@ from typing import Protocol
 import re2
 from urlpattern import URLPattern
 
+from broker.topics import MAX_TOPIC_LENGTH
+
 URL_PATTERN = "URLPattern"
 URI_TEMPLATE = "URITemplate"
-MAX_PATTERN_LENGTH = 1024
+# As long as a topic may be: an Exact matcher is one.
+MAX_PATTERN_LENGTH = MAX_TOPIC_LENGTH
 MAX_TEMPLATE_EXPRESSIONS = 32
 
 _UNRESERVED = r"A-Za-z0-9\-._~"

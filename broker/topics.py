@@ -3,8 +3,12 @@
 A topic is a ``/``-separated string. A subscription pattern may use two wildcards, each
 a whole segment: ``*`` matches exactly one segment, and ``**`` as the last segment
 matches one or more remaining segments. A ``*`` inside a segment (``a*b``) is an
-ordinary character. Published topics may not have wildcard segments, so a topic never
-means two things.
+ordinary character. Topics published through our API may not have wildcard segments,
+so a topic never means two things there; Mercure's publish accepts them as plain text
+(which our wildcards match like any segment).
+
+Mercure's Exact matchers are added to the index as exact topics, never as patterns, and
+the matchers a trie cannot hold (URL patterns, URI templates) are the hub's to scan.
 
 The index is a segment trie: publishing walks one path per topic (plus the ``*``
 branches), so the cost depends on the topic's depth and the number of distinct
@@ -48,6 +52,18 @@ def _check_text(topic: object, what: str) -> str:
     if _CONTROL.search(topic):
         raise TopicError(f"{what} must not contain control characters")
     return topic
+
+
+def text_problem(value: str) -> str | None:
+    """What makes ``value`` unfit for a Mercure topic or matcher, or None: Mercure also
+    refuses C1 controls, and text that was not UTF-8 as sent (lone surrogates here)."""
+    for character in value:
+        code = ord(character)
+        if code < 0x20 or 0x7F <= code <= 0x9F:
+            return "must not contain control characters"
+        if 0xD800 <= code <= 0xDFFF:
+            return "is not valid UTF-8"
+    return None
 
 
 def validate_topic(topic: object) -> str:

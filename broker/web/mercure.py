@@ -65,7 +65,14 @@ from broker.matchers import (
     is_uri_template,
 )
 from broker.subscriptions import presented
-from broker.topics import DOUBLE_STAR, MAX_TOPIC_LENGTH, Matcher, Selector, is_reserved
+from broker.topics import (
+    DOUBLE_STAR,
+    MAX_TOPIC_LENGTH,
+    Matcher,
+    Selector,
+    is_reserved,
+    text_problem,
+)
 from broker.web.publish import FORM_TYPES, publish_drafts, read_body, read_form
 from broker.web.state import STATE, BrokerState
 from broker.web.stream import STREAM_HEADERS, last_event_id, open_stream
@@ -201,17 +208,6 @@ def _check_matcher(name: str, value: str) -> None:
         raise InvalidRequest(f"{name} {problem}")
 
 
-def text_problem(value: str) -> str | None:
-    """What makes ``value`` unfit for a topic or matcher (Mercure's rules), or None."""
-    for character in value:
-        code = ord(character)
-        if code < 0x20 or 0x7F <= code <= 0x9F:
-            return "must not contain control characters"
-        if 0xD800 <= code <= 0xDFFF:
-            return "is not valid UTF-8"
-    return None
-
-
 # -- publishing
 
 
@@ -338,8 +334,7 @@ def _check_id(event_id: str) -> None:
         raise PayloadTooLarge(f"'id' is longer than {MAX_ID_LENGTH} characters")
     if event_id.startswith("#"):
         raise InvalidEvent("'id' must not start with '#' (the hub's own ids may)")
-    if any(c in event_id for c in "\n\r\0"):
-        raise InvalidEvent("'id' must not contain LF, CR or NUL")
+    _check_field("'id'", event_id)
     if event_id == EARLIEST:
         # Resuming from it would mean "all the history", not "after this update".
         raise InvalidEvent(f"'id' must not be {EARLIEST!r}, the reserved resume point")
@@ -347,11 +342,18 @@ def _check_id(event_id: str) -> None:
         raise InvalidEvent("'id' is not valid UTF-8")
 
 
+def _check_field(name: str, value: str) -> None:
+    """No CR, LF or NUL: they would end the SSE field and let the rest forge others."""
+    try:
+        sse.check_field(name, value)
+    except sse.EncodingError as exc:
+        raise InvalidEvent(str(exc)) from None
+
+
 def _check_type(event_type: str) -> None:
     if len(event_type) > MAX_TYPE_LENGTH:
         raise PayloadTooLarge(f"'type' is longer than {MAX_TYPE_LENGTH} characters")
-    if any(c in event_type for c in "\n\r\0"):
-        raise InvalidEvent("'type' must not contain LF, CR or NUL")
+    _check_field("'type'", event_type)
     if not _is_utf8(event_type):
         raise InvalidEvent("'type' is not valid UTF-8")
     if event_type.startswith(RESERVED_TYPE_PREFIX):
@@ -385,18 +387,24 @@ def grants_for(
     state: BrokerState,
     hub: str,
     role: Callable[[web.Request, TokenSource, str], Grants | None],
+    *,
+    required: str | None = None,
 ) -> Grants | None:
     """The request's grants, taking its token where Mercure clients put it. A request
-    refused for want of a token is told where the hub's metadata is (RFC 9728).
+    refused for want of a token (or, with ``required``, the reason one is needed, for
+    any request without one) is told where the hub's metadata is (RFC 9728).
 
     Without ``--mercure-legacy`` only RFC 9068 access tokens whose ``aud`` names this
     hub are accepted, as draft 8 requires; with it, also the tokens earlier drafts'
     publishers mint (no ``typ``, often no ``aud``)."""
     try:
         grants = role(request, token_source(state.config), hub)
+        if grants is None and required is not None:
+            raise Unauthorized(required, invalid_token=False)
     except Unauthorized as exc:
         if exc.headers.get("WWW-Authenticate") == "Bearer":
-            exc.headers["WWW-Authenticate"] = challenge(request, state)
+            metadata = origin(request, state.config) + METADATA_PATH
+            exc.headers["WWW-Authenticate"] = f'Bearer resource_metadata="{metadata}"'
         raise
     if grants is None or state.config.mercure_legacy:
         return grants
@@ -405,16 +413,10 @@ def grants_for(
             "the token is not an access token (the header typ at+jwt and an exp claim); "
             "tokens of earlier Mercure drafts need --mercure-legacy"
         )
-    resource = resource_identifier(request, state)
+    resource = state.config.jwt_audience or hub
     if resource not in grants.audiences:
         raise Unauthorized(f"the token's aud does not name this hub, {resource!r}")
     return grants
-
-
-def resource_identifier(request: web.Request, state: BrokerState) -> str:
-    """The hub's OAuth 2.0 resource identifier, which tokens name in ``aud``: the
-    configured ``--jwt-audience``, else the hub's URL."""
-    return state.config.jwt_audience or hub_url(request, state.config)
 
 
 def token_source(config: Config) -> TokenSource:
@@ -427,19 +429,13 @@ def token_source(config: Config) -> TokenSource:
     return TokenSource((TOKEN_QUERY,), (config.mercure_cookie,))
 
 
-def challenge(request: web.Request, state: BrokerState) -> str:
-    """The ``WWW-Authenticate`` challenge for a request that brought no token."""
-    metadata = origin(request, state.config) + METADATA_PATH
-    return f'Bearer resource_metadata="{metadata}"'
-
-
 async def handle_metadata(request: web.Request) -> web.Response:
     """OAuth 2.0 protected-resource metadata: what audience tokens name, how they come."""
     state = request.app[STATE]
     config = state.config
     document = resource_metadata(
-        resource=resource_identifier(request, state),
-        cookie=True,
+        # The hub's OAuth 2.0 resource identifier, which draft 8 tokens name in aud.
+        resource=config.jwt_audience or hub_url(request, config),
         issuer=config.jwt_issuer,
     )
     return web.Response(body=orjson.dumps(document), content_type="application/json")

@@ -20,9 +20,9 @@ import orjson
 from aiohttp import web
 
 from broker.discovery import hub_url, link_header
-from broker.errors import ClientError, Forbidden, Unauthorized
+from broker.errors import ClientError, Forbidden
 from broker.subscriptions import CONTEXT, PREFIX, Registry, matcher_path, subscription_topic
-from broker.web.mercure import challenge, grants_for
+from broker.web.mercure import grants_for
 from broker.web.state import STATE
 
 CONTENT_TYPE = "application/ld+json"
@@ -53,14 +53,14 @@ async def handle_subscriptions(request: web.Request) -> web.Response:
     else:
         path = subscription_topic(*variables)
     hub = hub_url(request, state.config)
-    grants = grants_for(request, state, hub, state.gatekeeper.subscriber)
-    if grants is None:
-        raise Unauthorized(
-            "the subscription API needs a token granting subscribe on the path",
-            invalid_token=False,
-            challenge=challenge(request, state),
-        )
-    if not grants.subscribe.matches_any((path,)):
+    grants = grants_for(
+        request,
+        state,
+        hub,
+        state.gatekeeper.subscriber,
+        required="the subscription API needs a token granting subscribe on the path",
+    )
+    if grants is None or not grants.subscribe.matches_any((path,)):
         raise Forbidden(f"the token does not grant subscribe on {path!r}")
     return web.Response(
         body=orjson.dumps(_answer(registry, variables, path)),
