@@ -66,6 +66,7 @@ from loadgen import NUMBER
 
 KIB = 1024
 MIB = 1024 * 1024
+LOADGEN_MAX = 5000  # subscribers per load generator process
 
 
 @dataclass(frozen=True)
@@ -325,6 +326,17 @@ class ServerRun:
             )
         self.check()
         return loadgen, info
+
+    def add_subscribers(
+        self, count: int, *, sample: int = 0, path: str | None = None, first: int = 0
+    ) -> None:
+        """``count`` more subscribers, in load generators of at most ``LOADGEN_MAX`` each
+        (one process holds no more sockets than that comfortably)."""
+        while count > 0:
+            step = min(count, LOADGEN_MAX)
+            self.add_loadgen(step, sample=sample, path=path, first=first)
+            first += step
+            count -= step
 
     def close(self) -> None:
         for loadgen in self.loadgens:
@@ -733,10 +745,8 @@ def session_batched(ctx: Context, spec: ServerSpec) -> None:
         results = ctx.results.setdefault("fanout_batched", {}).setdefault(spec.key, {})
         total = 0
         for size in plan.batched_sizes:
-            while total < size:
-                step = min(size - total, 5000)
-                run.add_loadgen(step)
-                total += step
+            run.add_subscribers(size - total)
+            total = size
             fanout = measure_fanout(run, run.loadgens, plan.batched_batch)
             log_fanout(ctx, spec, fanout)
             results[str(size)] = fanout
@@ -776,10 +786,7 @@ def scale_setup(
             wanted = (
                 size // len(runs) if index < len(runs) - 1 else size - size // len(runs) * index
             )
-            while wanted > 0:
-                step = min(wanted, 5000)
-                run.add_loadgen(step, sample=plan.loadgen_sample)
-                wanted -= step
+            run.add_subscribers(wanted, sample=plan.loadgen_sample)
         loadgens = [loadgen for run in runs for loadgen in run.loadgens]
         processes = [pid for run in runs for pid in process_tree(run.pid)]
         workers = [pid for run in runs for pid in process_tree(run.pid)[1:]]
@@ -909,11 +916,7 @@ def session_mercure(ctx: Context, spec: ServerSpec) -> None:
     with ServerRun(ctx, spec, "mercure") as run:
         for _ in range(plan.mercure_rounds):
             for kind, path in MERCURE_KINDS.items():
-                first = 0
-                while first < plan.mercure_subscribers:
-                    step = min(plan.mercure_subscribers - first, 5000)
-                    run.add_loadgen(step, path=path, first=first)
-                    first += step
+                run.add_subscribers(plan.mercure_subscribers, path=path)
                 fanout = measure_fanout(run, run.loadgens, topic=MERCURE_TOPIC)
                 rounds[kind].append(fanout)
                 ctx.log(
